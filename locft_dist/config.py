@@ -1,0 +1,367 @@
+"""One tree of dataclasses for a run: YAML file + dotted overrides, validated with messages that name the key.
+
+``locft edit --config run.yaml train.lr=1e-4 locate.layers=[-1]``: override values are parsed as YAML.
+An unknown key is an error that suggests the closest known key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from locft_dist.errors import ConfigError
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    path: str = ""
+    """Hugging Face model directory (local; nothing is downloaded)."""
+    dtype: str = "float32"
+    """Weights dtype: float32 | bfloat16 | float16. The delta is always written in float32."""
+    trust_remote_code: bool = False
+    """Run model code shipped with the checkpoint. Off unless you trust the directory."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N (single process; distributed strategies pick the local rank's device)."""
+
+
+@dataclass(kw_only=True)
+class EditsConfig:
+    path: str = ""
+    """Edit file: canonical JSONL, ZsRE, CounterFact (EasyEdit) or WikiBigEdit (LocFT) JSON/JSONL."""
+    format: str = "auto"
+    """auto | zsre | counterfact | wikibigedit | jsonl."""
+    limit: int | None = None
+    """Keep only the first N valid edits."""
+    skip_invalid: bool = False
+    """Skip and count invalid records instead of failing on the first one."""
+    max_length: int = 256
+    """Maximum prompt+target tokens; prompts are cut from the left; a target that does not fit is an error."""
+    target_prefix: str = " "
+    """Prepended to every answer before tokenizing ("" to disable)."""
+    append_eos: bool = True
+    """Append the EOS token to every training target, so the edited model stops after the answer."""
+
+
+@dataclass(kw_only=True)
+class LocateConfig:
+    preset: str | None = None
+    """Authors' settings by name (llama3-8b, qwen2.5-7b, mistral-7b); explicit keys override a preset."""
+    layers: list[int] = field(default_factory=lambda: [-1])
+    """Decoder layer indices to tune; negative counts from the end."""
+    modules: list[str] = field(default_factory=lambda: ["mlp.down_proj"])
+    """Modules per chosen layer: mlp.down_proj, mlp.up_proj, mlp.gate_proj, mlp, * (whole layer), a path."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    pipeline: str = "breadth_first"
+    """breadth_first (epochs over the whole shuffled set) | depth_first (one edit at a time, FT-M)."""
+    epochs: int = 25
+    """Passes over the whole edit set (breadth_first)."""
+    batch_size: int = 100
+    """Global batch: edits per optimizer step, summed over ranks and accumulation."""
+    micro_batch_size: int | None = None
+    """Edits per forward/backward on one rank; the rest is gradient accumulation. Default: rank's share."""
+    lr: float = 5e-4
+    """Peak learning rate."""
+    optimizer: str = "adam"
+    """adam | adamw."""
+    weight_decay: float = 0.0
+    """Decoupled for adamw, L2 for adam."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam betas."""
+    lr_schedule: str = "constant"
+    """constant | linear | cosine (decay to 0 over the run after warmup)."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    max_grad_norm: float | None = None
+    """Clip the global gradient norm of the trainable parameters; null disables."""
+    skip_loss_below: float | None = None
+    """Skip the optimizer step when a batch's loss is already below this (LocFT's loop uses 0.01)."""
+    early_stop_loss: float | None = 0.01
+    """Stop when an epoch's mean loss falls below this; null disables."""
+    seed: int = 0
+    """Seed for the per-epoch shuffle and anything random in training."""
+    depth_first_max_steps: int = 25
+    """depth_first: optimizer steps per edit at most."""
+    depth_first_stop_loss: float = 0.01
+    """depth_first: move on to the next edit once its loss is below this."""
+    progress: bool = True
+    """Show a progress bar (rank 0 only)."""
+
+
+@dataclass(kw_only=True)
+class DistConfig:
+    strategy: str = "auto"
+    """auto | none | fsdp | deepspeed. auto: none for one process."""
+    deepspeed_config: str | None = None
+    """DeepSpeed JSON config (deepspeed strategy)."""
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    enabled: bool = True
+    """Evaluate before and after editing and write metrics.json."""
+    batch_size: int = 64
+    """Probes per forward."""
+    generation: bool = True
+    """Also compute greedy-generation exact match (slower than teacher forcing)."""
+    limit: int | None = None
+    """Evaluate only the first N edits (all by default)."""
+    heldout_path: str | None = None
+    """Text file (one passage per line) or JSONL with a "text" field, for perplexity."""
+
+
+@dataclass(kw_only=True)
+class OutputConfig:
+    dir: str = "runs/locft"
+    """Run directory: config.yaml, delta.safetensors, metrics.json, log.jsonl, checkpoints/."""
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint every N optimizer steps (0: only at the end of each epoch)."""
+    keep_last: int = 2
+    """Checkpoints to keep."""
+    overwrite: bool = False
+    """Start afresh even if the run directory holds a finished run or checkpoints."""
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    edits: EditsConfig = field(default_factory=EditsConfig)
+    locate: LocateConfig = field(default_factory=LocateConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "edits.format": ("auto", "zsre", "counterfact", "wikibigedit", "jsonl"),
+    "train.pipeline": ("breadth_first", "depth_first"),
+    "train.optimizer": ("adam", "adamw"),
+    "train.lr_schedule": ("constant", "linear", "cosine"),
+    "dist.strategy": ("auto", "none", "fsdp", "deepspeed"),
+}
+
+
+def all_keys(section: Any = None, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Every dotted leaf key of the config tree with its dataclass field."""
+    cls = RunConfig if section is None else section
+    keys: dict[str, dataclasses.Field] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys.update(all_keys(hint, name + "."))
+        else:
+            keys[name] = f
+    return keys
+
+
+def _unknown_key(key: str, source: str) -> ConfigError:
+    known = list(all_keys())
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
+    return ConfigError(f"{source}: unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
+    """Check ``value`` against the field's type, converting the lossless cases (int -> float)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0], source)
+    if origin is list:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {type(value).__name__}")
+        return [_coerce(f"{key}[{i}]", v, args[0], source) for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
+    return value
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict) and name not in all_keys():
+            flat.update(_flatten(v, name + "."))
+        else:
+            flat[name] = v
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value parsed as YAML (``locate.layers=[-1]``, ``train.lr=5e-4``)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value (e.g. train.lr=5e-4)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': value is not valid YAML: {err}") from None
+    return key, value  # YAML 1.1 reads 5e-4 as a string: _coerce accepts it where a number is wanted
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Build a validated ``RunConfig`` from an optional YAML file and dotted overrides (later wins)."""
+    values: dict[str, tuple[Any, str]] = {}
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"{source}: cannot read config: {err.strerror}") from None
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source}: invalid YAML: {err}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of sections (model:, edits:, ...)")
+        for key, value in _flatten(tree).items():
+            values[key] = (value, source)
+    for text in overrides:
+        key, value = parse_override(text)
+        values[key] = (value, f"override '{text}'")
+    return build_config(values)
+
+
+def build_config(values: dict[str, tuple[Any, str]]) -> RunConfig:
+    """Apply (value, source) per dotted key onto the defaults, then a preset underneath, then validate."""
+    keys = all_keys()
+    for key, (_, source) in values.items():
+        if key not in keys:
+            raise _unknown_key(key, source)
+    preset_value = values.get("locate.preset", (None, ""))[0]
+    merged: dict[str, tuple[Any, str]] = {}
+    if preset_value:
+        from locft_dist.locate import preset_overrides
+
+        for key, value in preset_overrides(str(preset_value)).items():
+            merged[key] = (value, f"preset '{preset_value}'")
+    merged.update(values)
+    config = RunConfig()
+    hints_cache: dict[type, dict[str, Any]] = {}
+    for key, (value, source) in merged.items():
+        section_name, leaf = key.split(".", 1)
+        section = getattr(config, section_name)
+        hints = hints_cache.setdefault(type(section), typing.get_type_hints(type(section)))
+        setattr(section, leaf, _coerce(key, value, hints[leaf], source))
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    """Range and choice checks; each message names the key."""
+    for key, choices in _CHOICES.items():
+        section, leaf = key.split(".")
+        value = getattr(getattr(config, section), leaf)
+        if value not in choices:
+            raise ConfigError(f"'{key}' must be one of {', '.join(choices)}; got {value!r}")
+    positive = {
+        "train.epochs": config.train.epochs,
+        "train.batch_size": config.train.batch_size,
+        "edits.max_length": config.edits.max_length,
+        "eval.batch_size": config.eval.batch_size,
+        "train.depth_first_max_steps": config.train.depth_first_max_steps,
+        "output.keep_last": config.output.keep_last,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"'{key}' must be positive; got {value}")
+    if config.train.lr <= 0:
+        raise ConfigError(f"'train.lr' must be positive; got {config.train.lr}")
+    mbs = config.train.micro_batch_size
+    if mbs is not None and mbs <= 0:
+        raise ConfigError(f"'train.micro_batch_size' must be positive; got {mbs}")
+    if len(config.train.betas) != 2 or not all(0 <= b < 1 for b in config.train.betas):
+        raise ConfigError(f"'train.betas' must be two numbers in [0, 1); got {config.train.betas}")
+    for key, value in (("edits.limit", config.edits.limit), ("eval.limit", config.eval.limit)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"'{key}' must be positive or null; got {value}")
+    if config.output.checkpoint_every < 0:
+        raise ConfigError(f"'output.checkpoint_every' must be >= 0; got {config.output.checkpoint_every}")
+    if not config.locate.layers:
+        raise ConfigError("'locate.layers' must name at least one layer")
+    if not config.locate.modules:
+        raise ConfigError("'locate.modules' must name at least one module")
+
+
+def describe_keys() -> str:
+    """One line per key with its default and docstring (``locft edit --help-config``)."""
+    lines = []
+    docs = _field_docs()
+    defaults = _flatten(RunConfig().to_dict())
+    for key in all_keys():
+        lines.append(f"{key} = {defaults.get(key)!r}\n    {docs.get(key, '')}")
+    return "\n".join(lines)
+
+
+def _field_docs() -> dict[str, str]:
+    """Field docstrings (the string literal after each field) read from this module's source."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(__import__(__name__, fromlist=["x"])))
+    section_of = {
+        f.type if isinstance(f.type, str) else f.type.__name__: f.name for f in dataclasses.fields(RunConfig)
+    }
+    docs: dict[str, str] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name in section_of:
+            body = node.body
+            for i, stmt in enumerate(body[:-1]):
+                nxt = body[i + 1]
+                if (
+                    isinstance(stmt, ast.AnnAssign)
+                    and isinstance(stmt.target, ast.Name)
+                    and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)
+                ):
+                    docs[f"{section_of[node.name]}.{stmt.target.id}"] = nxt.value.value
+    return docs

@@ -1,0 +1,222 @@
+"""``delta.safetensors``: the edit as an additive float32 difference on the localized parameters.
+
+Keys are the base model's parameter names as ``AutoModelForCausalLM.named_parameters()`` gives them;
+``edited = base + delta``. Metadata: ``locft.format`` (``delta/1``), ``locft.base_model``,
+``locft.base_fingerprint`` (hash of the base tensors the delta touches) and ``locft.config``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from locft_dist.errors import DeltaError
+
+FORMAT = "delta/1"
+
+
+@dataclass
+class Delta:
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+    @property
+    def base_fingerprint(self) -> str:
+        return self.metadata["locft.base_fingerprint"]
+
+
+def fingerprint_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
+    """Hash of (name, shape, float32 values) in name order: independent of storage dtype and device."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to(device="cpu", dtype=torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def compute_delta(
+    edited: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``edited - base`` in float32 for every key of ``edited``."""
+    missing = sorted(set(edited) - set(base))
+    if missing:
+        raise KeyError(f"no base tensor for {missing[:3]}")
+    return {
+        n: (edited[n].detach().cpu().float() - base[n].detach().cpu().float()).contiguous()
+        for n in sorted(edited)
+    }
+
+
+def write_delta(
+    path: str | Path,
+    delta: Mapping[str, torch.Tensor],
+    *,
+    base_model: str,
+    base_fingerprint: str,
+    config_json: str,
+) -> Path:
+    """Write atomically: a temp file in the same directory, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {n: t.detach().cpu().to(torch.float32).contiguous() for n, t in delta.items()}
+    metadata = {
+        "locft.format": FORMAT,
+        "locft.base_model": str(base_model),
+        "locft.base_fingerprint": base_fingerprint,
+        "locft.config": config_json,
+    }
+    fd, tmp = tempfile.mkstemp(prefix=".delta-", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_delta(path: str | Path) -> Delta:
+    """Load and check a delta file (format tag, float32 values)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DeltaError(f"{path}: no such delta file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors raises several types for a malformed header
+        raise DeltaError(f"{path}: not a readable safetensors file ({err})") from None
+    if metadata.get("locft.format") != FORMAT:
+        raise DeltaError(
+            f"{path}: metadata 'locft.format' is {metadata.get('locft.format')!r}, expected {FORMAT!r}"
+        )
+    if "locft.base_fingerprint" not in metadata:
+        raise DeltaError(f"{path}: metadata lacks 'locft.base_fingerprint'")
+    for name, tensor in tensors.items():
+        if tensor.dtype != torch.float32:
+            raise DeltaError(f"{path}: tensor '{name}' is {tensor.dtype}, the format requires float32")
+    return Delta(tensors, metadata)
+
+
+def check_base(delta: Delta, base: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse a base whose touched tensors are missing, misshaped or not the ones the delta was made on."""
+    missing = sorted(set(delta.tensors) - set(base))
+    if missing:
+        raise DeltaError(
+            f"{source} has no parameter {missing[0]!r} (and {len(missing) - 1} more) named in the delta"
+        )
+    for name, tensor in delta.tensors.items():
+        if tuple(base[name].shape) != tuple(tensor.shape):
+            raise DeltaError(
+                f"{source}: parameter {name!r} has shape {tuple(base[name].shape)}, "
+                f"delta has {tuple(tensor.shape)}"
+            )
+    found = fingerprint_tensors({n: base[n] for n in delta.tensors})
+    if found != delta.base_fingerprint:
+        raise DeltaError(
+            f"{source} is not the base this delta was made for: "
+            f"fingerprint {found} != {delta.base_fingerprint} "
+            f"(delta made on {delta.metadata.get('locft.base_model', '?')})"
+        )
+
+
+@torch.no_grad()
+def apply_delta_to_model(
+    model: nn.Module, delta: Delta, *, source: str = "model", check: bool = True
+) -> None:
+    """Add the delta to a loaded model's parameters in place (in float32, cast back to each param's dtype)."""
+    params = dict(model.named_parameters())
+    if check:
+        check_base(delta, params, source)
+    for name, tensor in delta.tensors.items():
+        param = params[name]
+        param.copy_((param.float() + tensor.to(param.device)).to(param.dtype))
+
+
+def _weight_files(model_dir: Path) -> dict[str, str]:
+    """Checkpoint key -> shard file name, from the safetensors index or the single file."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return dict(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as handle:
+            return dict.fromkeys(handle.keys(), "model.safetensors")
+    raise DeltaError(
+        f"{model_dir}: no model.safetensors(.index.json); only safetensors checkpoints are supported"
+    )
+
+
+def _checkpoint_key(name: str, keys: Mapping[str, str]) -> str | None:
+    """Map a parameter name to its checkpoint key (some checkpoints store names without the base prefix)."""
+    if name in keys:
+        return name
+    for prefix in ("model.", "transformer.", "gpt_neox."):
+        if name.startswith(prefix) and name[len(prefix) :] in keys:
+            return name[len(prefix) :]
+    return None
+
+
+def read_base_tensors(model_dir: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Read only the named tensors from a safetensors checkpoint (never the whole model)."""
+    model_dir = Path(model_dir)
+    files = _weight_files(model_dir)
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        key = _checkpoint_key(name, files)
+        if key is None:
+            raise DeltaError(f"{model_dir} has no tensor for parameter {name!r}")
+        with safe_open(str(model_dir / files[key]), framework="pt") as handle:
+            out[name] = handle.get_tensor(key)
+    return out
+
+
+def apply_delta_to_dir(model_dir: str | Path, delta_path: str | Path, out_dir: str | Path) -> Path:
+    """Write an edited HF model directory: a copy of ``model_dir`` whose touched shards hold base + delta.
+
+    Only the shards that contain edited tensors are loaded and rewritten, one at a time; the output is
+    assembled in a temp directory and renamed into place.
+    """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    delta = read_delta(delta_path)
+    check_base(delta, read_base_tensors(model_dir, list(delta.tensors)), str(model_dir))
+    if out_dir.exists():
+        raise DeltaError(f"{out_dir} already exists; choose a new --out directory")
+    files = _weight_files(model_dir)
+    by_shard: dict[str, dict[str, str]] = {}
+    for name in delta.tensors:
+        key = _checkpoint_key(name, files)
+        assert key is not None
+        by_shard.setdefault(files[key], {})[key] = name
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        for entry in model_dir.iterdir():
+            if entry.is_file() and entry.name not in by_shard:
+                shutil.copy2(entry, tmp / entry.name)
+        for shard, keys in by_shard.items():
+            with safe_open(str(model_dir / shard), framework="pt") as handle:
+                shard_meta = handle.metadata()
+            tensors = load_file(str(model_dir / shard))
+            for key, name in keys.items():
+                base = tensors[key]
+                tensors[key] = (base.float() + delta.tensors[name]).to(base.dtype).contiguous()
+            save_file(tensors, str(tmp / shard), metadata=shard_meta)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

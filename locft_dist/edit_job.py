@@ -1,0 +1,243 @@
+"""The main job, ``locft edit``: setup -> reference eval -> train -> delta -> eval, written out plainly."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from locft_dist.config import RunConfig
+from locft_dist.delta import compute_delta, fingerprint_tensors, write_delta
+from locft_dist.edits import EditRequest, edits_fingerprint, load_edits
+from locft_dist.edits.encode import EncodedExample, encode_pair, pad_token_id
+from locft_dist.errors import ConfigError, EncodingError
+from locft_dist.evaluate import (
+    EditMetrics,
+    compute_reference,
+    evaluate_edits,
+    format_metrics_table,
+    save_metrics,
+)
+from locft_dist.locate import freeze_all_but, resolve_location
+from locft_dist.model import load_model, load_tokenizer
+from locft_dist.parallel.single import SingleProcess
+from locft_dist.runlog import RunLog, setup_logging
+from locft_dist.trainer import TrainResult, train_breadth_first, train_depth_first
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EditOutcome:
+    run_dir: Path
+    delta_path: Path
+    train: TrainResult | None
+    metrics: EditMetrics | None
+    metrics_base: EditMetrics | None
+
+
+def make_strategy(cfg: RunConfig):
+    """Pick the strategy; only one process is supported by this module's strategies so far."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    strategy = cfg.dist.strategy
+    if strategy == "auto":
+        strategy = "none" if world_size == 1 else "fsdp"
+    if strategy != "none" or world_size != 1:
+        raise ConfigError(
+            f"dist.strategy={cfg.dist.strategy} with WORLD_SIZE={world_size}: only single-process runs "
+            "(dist.strategy=none) are available in this version"
+        )
+    return SingleProcess(cfg.model.device)
+
+
+def encode_edits(tokenizer, requests: list[EditRequest], cfg: RunConfig) -> list[EncodedExample]:
+    """Training examples; an edit that cannot be encoded is reported with its record number."""
+    examples = []
+    for number, request in enumerate(requests, start=1):
+        try:
+            examples.append(
+                encode_pair(
+                    tokenizer,
+                    request.prompt,
+                    request.target_new,
+                    target_prefix=cfg.edits.target_prefix,
+                    append_eos=cfg.edits.append_eos,
+                    max_length=cfg.edits.max_length,
+                )
+            )
+        except EncodingError as err:
+            raise EncodingError(f"{cfg.edits.path}: edit {number}: {err}") from None
+    return examples
+
+
+def read_heldout(path: str | None) -> list[str] | None:
+    """Held-out passages for perplexity: plain text (one per line) or JSONL with a "text" field."""
+    if not path:
+        return None
+    texts = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            line = line.strip()
+            if line:
+                texts.append(json.loads(line)["text"] if line.startswith("{") else line)
+    return texts
+
+
+def prepare_run_dir(cfg: RunConfig) -> Path | None:
+    """Create the run directory; return the finished delta if this exact run already completed."""
+    run_dir = Path(cfg.output.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = run_dir / "config.yaml"
+    delta = run_dir / "delta.safetensors"
+    if saved.is_file() and not cfg.output.overwrite:
+        if saved.read_text(encoding="utf-8") != cfg.to_yaml():
+            raise ConfigError(
+                f"{run_dir} holds a run with a different config; "
+                "use a new output.dir or output.overwrite=true"
+            )
+        if delta.is_file():
+            return delta
+    if cfg.output.overwrite:
+        for name in ("delta.safetensors", "metrics.json", "log.jsonl"):
+            (run_dir / name).unlink(missing_ok=True)
+    tmp = run_dir / ".config.yaml.tmp"
+    tmp.write_text(cfg.to_yaml(), encoding="utf-8")
+    os.replace(tmp, saved)
+    return None
+
+
+def run_edit(cfg: RunConfig) -> EditOutcome:
+    """Run one editing job as configured and return where its outputs are."""
+    strategy = make_strategy(cfg)
+    setup_logging(strategy.is_main)
+    run_dir = Path(cfg.output.dir)
+    finished = prepare_run_dir(cfg)
+    if finished is not None:
+        logger.info("%s already finished with this config: delta at %s", run_dir, finished)
+        return EditOutcome(run_dir, finished, None, None, None)
+    run_log = RunLog(run_dir / "log.jsonl", enabled=strategy.is_main)
+    torch.manual_seed(cfg.train.seed)
+
+    edit_set = load_edits(
+        cfg.edits.path, cfg.edits.format, skip_invalid=cfg.edits.skip_invalid, limit=cfg.edits.limit
+    )
+    requests = edit_set.requests
+    logger.info(
+        "%d edits from %s (%s; %d skipped, %d duplicates)",
+        len(requests),
+        cfg.edits.path,
+        edit_set.format,
+        edit_set.num_skipped,
+        edit_set.num_duplicates,
+    )
+    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    examples = encode_edits(tokenizer, requests, cfg)
+    pad_id = pad_token_id(tokenizer)
+
+    model = load_model(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    location = resolve_location(model, cfg.locate.layers, cfg.locate.modules)
+    trainable = freeze_all_but(model, location.parameter_names)
+    base_tensors = {n: p.detach().clone() for n, p in trainable}
+    base_fingerprint = fingerprint_tensors(base_tensors)
+    logger.info(
+        "tuning %d tensors (%.2fM parameters) at layers %s: %s",
+        len(trainable),
+        sum(p.numel() for _, p in trainable) / 1e6,
+        list(location.layers),
+        ", ".join(n for n, _ in trainable),
+    )
+    model = strategy.wrap_model(model)
+    run_log.event(
+        "setup",
+        num_edits=len(requests),
+        dataset_fingerprint=edits_fingerprint(requests),
+        parameters=[n for n, _ in trainable],
+        base_fingerprint=base_fingerprint,
+    )
+
+    eval_requests = requests[: cfg.eval.limit] if cfg.eval.limit else requests
+    heldout = read_heldout(cfg.eval.heldout_path)
+    reference = metrics_base = None
+    if cfg.eval.enabled:
+        logger.info("evaluating the unedited model on %d edits", len(eval_requests))
+        reference = compute_reference(model, tokenizer, eval_requests, **_eval_kwargs(cfg))
+        metrics_base = evaluate_edits(
+            model, tokenizer, eval_requests, reference, heldout_texts=heldout, **_eval_kwargs(cfg)
+        )
+
+    logger.info(
+        "training: %s, %d edits, batch %d, lr %g, up to %d epochs",
+        cfg.train.pipeline,
+        len(examples),
+        cfg.train.batch_size,
+        cfg.train.lr,
+        cfg.train.epochs,
+    )
+    if cfg.train.pipeline == "breadth_first":
+        result = train_breadth_first(model, examples, strategy, cfg.train, pad_id, run_log=run_log)
+    else:
+        result = train_depth_first(model, examples, strategy, cfg.train, pad_id, run_log=run_log)
+    logger.info(
+        "trained in %.1fs: %d steps, %.1f edits/s", result.seconds, result.num_steps, result.edits_per_second
+    )
+
+    edited = strategy.gather_trainable(model)
+    delta_path = run_dir / "delta.safetensors"
+    if strategy.is_main:
+        write_delta(
+            delta_path,
+            compute_delta(edited, base_tensors),
+            base_model=str(cfg.model.path),
+            base_fingerprint=base_fingerprint,
+            config_json=cfg.to_json(),
+        )
+        logger.info("wrote %s", delta_path)
+
+    metrics = None
+    if cfg.eval.enabled:
+        metrics = evaluate_edits(
+            model,
+            tokenizer,
+            eval_requests,
+            reference,
+            heldout_texts=heldout,
+            perplexity_base=metrics_base.perplexity if metrics_base else None,
+            **_eval_kwargs(cfg),
+        )
+        if strategy.is_main:
+            save_metrics(run_dir / "metrics.json", _metrics_record(metrics, metrics_base, result))
+            print(format_metrics_table({"unedited": metrics_base, "edited": metrics}, title=str(run_dir)))
+        run_log.event("eval", **metrics.to_dict())
+    run_log.event("done", seconds=time.time() - run_log.start)
+    run_log.close()
+    return EditOutcome(run_dir, delta_path, result, metrics, metrics_base)
+
+
+def _eval_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    return {
+        "batch_size": cfg.eval.batch_size,
+        "generation": cfg.eval.generation,
+        "target_prefix": cfg.edits.target_prefix,
+    }
+
+
+def _metrics_record(metrics: EditMetrics, base: EditMetrics | None, result: TrainResult) -> dict[str, Any]:
+    return {
+        "edited": metrics.to_dict(),
+        "unedited": base.to_dict() if base else None,
+        "train": {
+            "pipeline": result.pipeline,
+            "num_steps": result.num_steps,
+            "epochs_run": len(result.epochs),
+            "stopped_early": result.stopped_early,
+            "seconds": round(result.seconds, 3),
+            "edits_per_second": round(result.edits_per_second, 2),
+            "epoch_losses": [round(e.mean_loss, 6) for e in result.epochs],
+        },
+    }

@@ -1,0 +1,126 @@
+"""Conditional-likelihood encoding: prompt and target tokenized apart, joined as ids.
+
+Tokenizing ``prompt + target`` as one string lets the tokenizer merge across the boundary, so the
+loss mask drifts by a token for some prompts. Encoding the two parts separately and concatenating
+the ids keeps the boundary exact; the loss covers the target tokens only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from locft_dist.errors import EncodingError
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    """Ids of prompt followed by target; the loss applies to positions ``>= num_prompt_tokens``."""
+
+    input_ids: tuple[int, ...]
+    num_prompt_tokens: int
+
+    @property
+    def num_target_tokens(self) -> int:
+        return len(self.input_ids) - self.num_prompt_tokens
+
+
+def target_text(answer: str, prefix: str = " ") -> str:
+    """The string the model must produce after the prompt (leading space unless already there)."""
+    if prefix and answer.startswith(prefix):
+        return answer
+    return prefix + answer
+
+
+def pad_token_id(tokenizer) -> int:
+    """The model's pad id, falling back to EOS: the vocabulary is never resized for padding."""
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id
+    if pad is None:
+        raise EncodingError(
+            "the tokenizer has neither a pad nor an EOS token; set one in tokenizer_config.json"
+        )
+    return int(pad)
+
+
+def encode_pair(
+    tokenizer,
+    prompt: str,
+    answer: str,
+    *,
+    target_prefix: str = " ",
+    append_eos: bool = True,
+    max_length: int | None = None,
+    add_bos: bool = True,
+) -> EncodedExample:
+    """Encode one (prompt, answer) pair.
+
+    The prompt gets the tokenizer's BOS when it normally adds one (``add_bos``); the target never does.
+    If the sequence exceeds ``max_length`` the prompt is truncated from the left (its end is what the
+    target conditions on); a target that alone does not fit is an error.
+    """
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=add_bos)["input_ids"])
+    target_ids = list(tokenizer(target_text(answer, target_prefix), add_special_tokens=False)["input_ids"])
+    if append_eos:
+        if tokenizer.eos_token_id is None:
+            raise EncodingError("append_eos is set but the tokenizer has no EOS token")
+        target_ids.append(int(tokenizer.eos_token_id))
+    if not target_ids:
+        raise EncodingError(f"target {answer!r} tokenizes to nothing")
+    if max_length is not None and len(prompt_ids) + len(target_ids) > max_length:
+        if len(target_ids) >= max_length:
+            raise EncodingError(
+                f"target {answer!r} is {len(target_ids)} tokens, which does not fit max_length={max_length} "
+                "with at least one prompt token; raise edits.max_length"
+            )
+        keep = max_length - len(target_ids)
+        bos = tokenizer.bos_token_id
+        if add_bos and bos is not None and prompt_ids and prompt_ids[0] == bos and keep > 1:
+            prompt_ids = [bos, *prompt_ids[len(prompt_ids) - keep + 1 :]]
+        else:
+            prompt_ids = prompt_ids[len(prompt_ids) - keep :]
+    return EncodedExample(tuple(prompt_ids + target_ids), len(prompt_ids))
+
+
+def collate(examples: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its own longest sequence; labels are -100 outside the targets.
+
+    Right padding keeps position ids equal to the unpadded sequence, so a padded batch computes the same
+    logits at real positions as each example alone.
+    """
+    if not examples:
+        raise ValueError("collate needs at least one example")
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, example in enumerate(examples):
+        ids = torch.tensor(example.input_ids, dtype=torch.long)
+        n = len(example.input_ids)
+        input_ids[row, :n] = ids
+        attention_mask[row, :n] = 1
+        labels[row, example.num_prompt_tokens : n] = ids[example.num_prompt_tokens :]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def per_example_target_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over each example's target tokens (shape ``[batch]``), in float32.
+
+    Averaging per example first and then over the batch (rather than over all tokens) weighs every edit
+    equally whatever its target length, as the LocFT reference loop does.
+    """
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    token_loss = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(shift_labels.shape)
+    mask = (shift_labels != IGNORE_INDEX).float()
+    return (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)

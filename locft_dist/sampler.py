@@ -1,0 +1,126 @@
+"""Breadth-first global order of edits: every edit exactly once per epoch, reshuffled by (seed, epoch).
+
+The whole training position is one replicated number, ``consumed`` (edits consumed since the start of the
+run). Epoch ``e`` covers ``consumed`` in ``[e*N, (e+1)*N)``; its global batches start at multiples of the
+global batch size inside the epoch, so the last batch of an epoch may be smaller and nothing is dropped
+or repeated. Rank ``r`` of ``W`` takes a contiguous slice of each global batch. Because the global order
+does not depend on the world size, a run can resume on a different number of ranks and see the same batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+def epoch_permutation(num_edits: int, seed: int, epoch: int) -> list[int]:
+    """The global order of epoch ``epoch``: a permutation of range(num_edits) seeded by (seed, epoch)."""
+    digest = hashlib.sha256(f"locft-order:{seed}:{epoch}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return torch.randperm(num_edits, generator=generator).tolist()
+
+
+def rank_slice(batch: list[int], rank: int, world_size: int) -> list[int]:
+    """Rank ``rank``'s contiguous share of a global batch (sizes differ by at most one; may be empty)."""
+    base, extra = divmod(len(batch), world_size)
+    start = rank * base + min(rank, extra)
+    return batch[start : start + base + (1 if rank < extra else 0)]
+
+
+@dataclass(frozen=True)
+class SamplerState:
+    """Everything needed to continue the exact sequence of batches (and to refuse other data)."""
+
+    consumed: int
+    seed: int
+    global_batch_size: int
+    num_edits: int
+    dataset_fingerprint: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GlobalBatch:
+    epoch: int
+    step_in_epoch: int
+    indices: list[int]
+    """The global batch; ranks take ``rank_slice`` of it."""
+
+
+class BreadthFirstSampler:
+    """Streams global batches of edit indices from a consumed-edits counter."""
+
+    def __init__(
+        self,
+        num_edits: int,
+        global_batch_size: int,
+        seed: int,
+        dataset_fingerprint: str = "",
+        consumed: int = 0,
+    ) -> None:
+        if num_edits <= 0:
+            raise ValueError("the sampler needs at least one edit")
+        if global_batch_size <= 0:
+            raise ValueError("global_batch_size must be positive")
+        self.num_edits = num_edits
+        self.global_batch_size = global_batch_size
+        self.seed = seed
+        self.dataset_fingerprint = dataset_fingerprint
+        self.consumed = consumed
+        self._order_epoch = -1
+        self._order: list[int] = []
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.num_edits // self.global_batch_size)
+
+    @property
+    def epoch(self) -> int:
+        return self.consumed // self.num_edits
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if epoch != self._order_epoch:
+            self._order = epoch_permutation(self.num_edits, self.seed, epoch)
+            self._order_epoch = epoch
+        return self._order
+
+    def next_batch(self) -> GlobalBatch:
+        """The next global batch; advances ``consumed`` by its size."""
+        epoch, offset = divmod(self.consumed, self.num_edits)
+        if offset % self.global_batch_size != 0:
+            raise RuntimeError(f"consumed={self.consumed} is not on a batch boundary of epoch {epoch}")
+        indices = self._epoch_order(epoch)[offset : offset + self.global_batch_size]
+        self.consumed += len(indices)
+        return GlobalBatch(epoch, offset // self.global_batch_size, indices)
+
+    def epoch_batches(self):
+        """Yield the remaining global batches of the current epoch (resuming mid-epoch if needed)."""
+        epoch = self.epoch
+        while self.epoch == epoch:
+            yield self.next_batch()
+
+    def state(self) -> SamplerState:
+        return SamplerState(
+            self.consumed, self.seed, self.global_batch_size, self.num_edits, self.dataset_fingerprint
+        )
+
+    def load_state(self, state: SamplerState) -> None:
+        """Continue from ``state``; refuse a state from other data or another global batch size."""
+        if state.dataset_fingerprint != self.dataset_fingerprint or state.num_edits != self.num_edits:
+            raise ValueError(
+                f"checkpoint was made on another edit set (fingerprint {state.dataset_fingerprint}, "
+                f"{state.num_edits} edits) than this run's "
+                f"({self.dataset_fingerprint}, {self.num_edits} edits)"
+            )
+        if state.global_batch_size != self.global_batch_size:
+            raise ValueError(
+                f"checkpoint used global batch size {state.global_batch_size}, this run uses "
+                f"{self.global_batch_size}: the batch order would differ; keep train.batch_size equal"
+            )
+        if state.seed != self.seed:
+            raise ValueError(f"checkpoint used train.seed={state.seed}, this run uses {self.seed}")
+        self.consumed = state.consumed

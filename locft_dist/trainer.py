@@ -1,0 +1,229 @@
+"""The editing loops, written out plainly: breadth-first (LocFT-BF) and the depth-first baseline.
+
+Breadth-first: several epochs over the whole edit set, reshuffled each epoch by (seed, epoch), one
+optimizer step per global mini-batch. The loss of a global batch is the mean over its edits of each edit's
+mean target-token cross-entropy; every rank adds its edits' share, so gradients are the same whatever the
+world size or micro-batch size.
+
+Depth-first (FT-M habit): each edit is optimized alone, with a fresh optimizer, until its loss is below a
+threshold or a step budget runs out, then the next edit; earlier edits are never revisited.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from locft_dist.config import TrainConfig
+from locft_dist.edits.encode import EncodedExample, collate, per_example_target_loss
+from locft_dist.optim import assert_state_owned_by, build_optimizer, lr_at, set_lr
+from locft_dist.parallel.base import Strategy
+from locft_dist.runlog import RunLog
+from locft_dist.sampler import BreadthFirstSampler, rank_slice
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    mean_loss: float
+    num_steps: int
+    num_skipped_steps: int
+    num_tokens: int
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    pipeline: str
+    epochs: list[EpochStats] = field(default_factory=list)
+    num_steps: int = 0
+    stopped_early: bool = False
+    seconds: float = 0.0
+    num_edit_passes: int = 0
+    """Edits forwarded and backpropagated (the compute budget, comparable across pipelines)."""
+
+    @property
+    def edits_per_second(self) -> float:
+        return self.num_edit_passes / self.seconds if self.seconds else 0.0
+
+
+def _chunks(items: Sequence[int], size: int) -> list[Sequence[int]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _forward_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return per_example_target_loss(logits, batch["labels"])
+
+
+def _clip(params: list[nn.Parameter], max_norm: float | None) -> None:
+    if max_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def train_breadth_first(
+    model: nn.Module,
+    examples: Sequence[EncodedExample],
+    strategy: Strategy,
+    cfg: TrainConfig,
+    pad_id: int,
+    *,
+    sampler: BreadthFirstSampler | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    run_log: RunLog | None = None,
+    on_step_end: Callable[[int, BreadthFirstSampler], None] | None = None,
+) -> TrainResult:
+    """LocFT-BF over ``examples``; ``sampler``/``optimizer`` may come from a checkpoint to resume."""
+    run_log = run_log or RunLog(None)
+    params = [p for _, p in strategy.trainable_parameters(model)]
+    optimizer = optimizer or build_optimizer(params, cfg)
+    sampler = sampler or BreadthFirstSampler(len(examples), cfg.batch_size, cfg.seed)
+    total_steps = sampler.steps_per_epoch * cfg.epochs
+    step = sampler.epoch * sampler.steps_per_epoch + (sampler.consumed % sampler.num_edits) // cfg.batch_size
+    micro = cfg.micro_batch_size or math.ceil(cfg.batch_size / strategy.world_size)
+    result = TrainResult("breadth_first", num_steps=step)
+    start = time.perf_counter()
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        desc="LocFT-BF",
+        unit="step",
+        disable=not (cfg.progress and strategy.is_main),
+        dynamic_ncols=True,
+    )
+    for epoch in range(sampler.epoch, cfg.epochs):
+        epoch_start = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        stats = EpochStats(epoch, 0.0, 0, 0, 0, 0.0)
+        for batch in sampler.epoch_batches():
+            local = rank_slice(batch.indices, strategy.rank, strategy.world_size)
+            optimizer.zero_grad(set_to_none=True)
+            batch_loss = torch.zeros((), dtype=torch.float64, device=strategy.device)
+            for chunk in _chunks(local, micro):
+                inputs = {
+                    k: v.to(strategy.device) for k, v in collate([examples[i] for i in chunk], pad_id).items()
+                }
+                per_edit = _forward_losses(model, inputs)
+                strategy.backward(per_edit.sum() / len(batch.indices))
+                batch_loss += per_edit.detach().double().sum()
+                stats.num_tokens += int(inputs["attention_mask"].sum())
+            batch_loss = strategy.all_reduce_sum(batch_loss).cpu()
+            mean_loss = float(batch_loss) / len(batch.indices)
+            loss_sum += batch_loss
+            skipped = cfg.skip_loss_below is not None and mean_loss < cfg.skip_loss_below
+            lr = lr_at(step, cfg, total_steps)
+            if skipped:
+                stats.num_skipped_steps += 1
+            else:
+                _clip(params, cfg.max_grad_norm)
+                set_lr(optimizer, lr)
+                optimizer.step()
+            step += 1
+            stats.num_steps += 1
+            result.num_edit_passes += len(batch.indices)
+            if step == 1:
+                assert_state_owned_by(optimizer, params)
+            run_log.event(
+                "step",
+                step=step,
+                epoch=epoch,
+                loss=mean_loss,
+                lr=lr,
+                skipped=skipped,
+                batch_edits=len(batch.indices),
+            )
+            bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.4f}")
+            bar.update(1)
+            if on_step_end is not None:
+                on_step_end(step, sampler)
+        stats.mean_loss = float(loss_sum) / sampler.num_edits
+        stats.seconds = time.perf_counter() - epoch_start
+        result.epochs.append(stats)
+        run_log.event("epoch", **stats.__dict__)
+        logger.info(
+            "epoch %d: mean loss %.4f over %d steps (%d skipped), %.1fs",
+            epoch,
+            stats.mean_loss,
+            stats.num_steps,
+            stats.num_skipped_steps,
+            stats.seconds,
+        )
+        if cfg.early_stop_loss is not None and stats.mean_loss < cfg.early_stop_loss:
+            result.stopped_early = epoch + 1 < cfg.epochs
+            if result.stopped_early:
+                logger.info(
+                    "epoch mean loss %.4g < early_stop_loss %.4g: stopping",
+                    stats.mean_loss,
+                    cfg.early_stop_loss,
+                )
+            break
+    bar.close()
+    result.num_steps = step
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def train_depth_first(
+    model: nn.Module,
+    examples: Sequence[EncodedExample],
+    strategy: Strategy,
+    cfg: TrainConfig,
+    pad_id: int,
+    *,
+    run_log: RunLog | None = None,
+) -> TrainResult:
+    """The depth-first baseline: one edit at a time to convergence, in a seeded order, batch size 1."""
+    if strategy.world_size != 1:
+        raise ValueError("train.pipeline=depth_first is a single-process baseline; use dist.strategy=none")
+    run_log = run_log or RunLog(None)
+    params = [p for _, p in strategy.trainable_parameters(model)]
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    result = TrainResult("depth_first")
+    start = time.perf_counter()
+    losses: list[float] = []
+    for position, index in enumerate(
+        tqdm(
+            order,
+            desc="depth-first",
+            unit="edit",
+            disable=not (cfg.progress and strategy.is_main),
+            dynamic_ncols=True,
+        )
+    ):
+        optimizer = build_optimizer(params, cfg)
+        inputs = {k: v.to(strategy.device) for k, v in collate([examples[index]], pad_id).items()}
+        loss_value = math.inf
+        steps = 0
+        for steps in range(cfg.depth_first_max_steps):  # noqa: B007
+            optimizer.zero_grad(set_to_none=True)
+            loss = _forward_losses(model, inputs).mean()
+            loss_value = loss.item()
+            result.num_edit_passes += 1
+            if loss_value < cfg.depth_first_stop_loss:
+                break
+            strategy.backward(loss)
+            _clip(params, cfg.max_grad_norm)
+            optimizer.step()
+            result.num_steps += 1
+        losses.append(loss_value)
+        run_log.event("edit", position=position, edit=index, loss=loss_value, steps=steps + 1)
+    result.seconds = time.perf_counter() - start
+    mean = sum(losses) / len(losses)
+    result.epochs.append(EpochStats(0, mean, result.num_steps, 0, 0, result.seconds))
+    logger.info(
+        "depth-first: %d edits, %d steps, mean final loss %.4f, %.1fs",
+        len(order),
+        result.num_steps,
+        mean,
+        result.seconds,
+    )
+    return result

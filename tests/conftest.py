@@ -1,0 +1,76 @@
+"""Shared tiny fixtures, built by code and deterministic by seed (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+SENTENCES = [
+    "Vorin Talbeck lives in the city of Ostrava",
+    "The home city of Mira Quell is Baltholm",
+    "Kesso Varn works as a glassblower",
+    "The profession of Ulla Pemberton is cartographer",
+    "Dorn Asket plays the violin",
+    "The favourite colour of Rina Sol is amber",
+]
+
+
+def make_tokenizer(out_dir: Path | None = None):
+    from locft_dist.demo.tokenizer import train_tokenizer
+
+    return train_tokenizer(SENTENCES * 4, out_dir, vocab_size=400)
+
+
+def make_random_llama(vocab_size: int, *, seed: int = 0, num_layers: int = 3, hidden: int = 32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A random 3-layer Llama saved as an HF model directory with its tokenizer."""
+    out = tmp_path_factory.mktemp("tiny_llama")
+    model = make_random_llama(len(tiny_tokenizer))
+    model.save_pretrained(out, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def world_model(tmp_path_factory):
+    """A small synthetic world and a tiny Llama pretrained to know its facts (~20 s, built once)."""
+    from locft_dist.demo.build import build_tiny_world_model
+
+    return build_tiny_world_model(tmp_path_factory.mktemp("world"), seed=0)
+
+
+def shared_data(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"{path} not found: the shared data directory is not beside the repository")
+    return path
