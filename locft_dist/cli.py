@@ -111,6 +111,11 @@ def run(args: argparse.Namespace) -> int:
         from locft_dist.edit_job import run_edit
 
         outcome = run_edit(load_config(args.config, args.overrides))
+        if outcome.metrics is not None:
+            from locft_dist.evaluate import format_metrics_table
+
+            columns = {"unedited": outcome.metrics_base, "edited": outcome.metrics}
+            print(format_metrics_table(columns, title=str(outcome.run_dir)))
         print(f"delta: {outcome.delta_path}")
     elif args.command == "eval":
         from locft_dist.edit_job import read_heldout

@@ -104,6 +104,10 @@ class DistConfig:
     """auto | none | fsdp | deepspeed. auto: none for one process."""
     deepspeed_config: str | None = None
     """DeepSpeed JSON config (deepspeed strategy)."""
+    param_dtype: str | None = None
+    """fsdp compute dtype (bfloat16 keeps fp32 master weights sharded, reduces in fp32); null: model.dtype."""
+    timeout_minutes: float = 30.0
+    """Collective timeout: if a rank dies mid-step, the others fail after this long instead of hanging."""
 
 
 @dataclass(kw_only=True)
@@ -159,6 +163,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("adam", "adamw"),
     "train.lr_schedule": ("constant", "linear", "cosine"),
     "dist.strategy": ("auto", "none", "fsdp", "deepspeed"),
+    "dist.param_dtype": (None, "float32", "bfloat16", "float16"),
 }
 
 

@@ -8,7 +8,6 @@ Keys are the base model's parameter names as ``AutoModelForCausalLM.named_parame
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from locft_dist.errors import DeltaError
+from locft_dist.model import SafetensorsCheckpoint
 
 FORMAT = "delta/1"
 
@@ -146,42 +146,13 @@ def apply_delta_to_model(
         param.copy_((param.float() + tensor.to(param.device)).to(param.dtype))
 
 
-def _weight_files(model_dir: Path) -> dict[str, str]:
-    """Checkpoint key -> shard file name, from the safetensors index or the single file."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        return dict(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        with safe_open(str(single), framework="pt") as handle:
-            return dict.fromkeys(handle.keys(), "model.safetensors")
-    raise DeltaError(
-        f"{model_dir}: no model.safetensors(.index.json); only safetensors checkpoints are supported"
-    )
-
-
-def _checkpoint_key(name: str, keys: Mapping[str, str]) -> str | None:
-    """Map a parameter name to its checkpoint key (some checkpoints store names without the base prefix)."""
-    if name in keys:
-        return name
-    for prefix in ("model.", "transformer.", "gpt_neox."):
-        if name.startswith(prefix) and name[len(prefix) :] in keys:
-            return name[len(prefix) :]
-    return None
-
-
 def read_base_tensors(model_dir: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
     """Read only the named tensors from a safetensors checkpoint (never the whole model)."""
-    model_dir = Path(model_dir)
-    files = _weight_files(model_dir)
-    out: dict[str, torch.Tensor] = {}
-    for name in names:
-        key = _checkpoint_key(name, files)
-        if key is None:
-            raise DeltaError(f"{model_dir} has no tensor for parameter {name!r}")
-        with safe_open(str(model_dir / files[key]), framework="pt") as handle:
-            out[name] = handle.get_tensor(key)
-    return out
+    checkpoint = SafetensorsCheckpoint(model_dir)
+    missing = [n for n in names if checkpoint.key_for(n) is None]
+    if missing:
+        raise DeltaError(f"{model_dir} has no tensor for parameter {missing[0]!r} named in the delta")
+    return {name: checkpoint.read(name) for name in names}
 
 
 def apply_delta_to_dir(model_dir: str | Path, delta_path: str | Path, out_dir: str | Path) -> Path:
@@ -195,12 +166,12 @@ def apply_delta_to_dir(model_dir: str | Path, delta_path: str | Path, out_dir: s
     check_base(delta, read_base_tensors(model_dir, list(delta.tensors)), str(model_dir))
     if out_dir.exists():
         raise DeltaError(f"{out_dir} already exists; choose a new --out directory")
-    files = _weight_files(model_dir)
+    checkpoint = SafetensorsCheckpoint(model_dir)
     by_shard: dict[str, dict[str, str]] = {}
     for name in delta.tensors:
-        key = _checkpoint_key(name, files)
-        assert key is not None
-        by_shard.setdefault(files[key], {})[key] = name
+        key = checkpoint.key_for(name)
+        assert key is not None, "checked by read_base_tensors"
+        by_shard.setdefault(checkpoint.files[key], {})[key] = name
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:

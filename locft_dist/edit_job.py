@@ -21,12 +21,11 @@ from locft_dist.evaluate import (
     EditMetrics,
     compute_reference,
     evaluate_edits,
-    format_metrics_table,
     save_metrics,
 )
-from locft_dist.locate import freeze_all_but, resolve_location
-from locft_dist.model import load_model, load_tokenizer
-from locft_dist.parallel.single import SingleProcess
+from locft_dist.model import check_model_dir, load_tokenizer
+from locft_dist.parallel import make_strategy
+from locft_dist.parallel.base import Strategy
 from locft_dist.runlog import RunLog, setup_logging
 from locft_dist.trainer import TrainResult, train_breadth_first, train_depth_first
 
@@ -40,20 +39,6 @@ class EditOutcome:
     train: TrainResult | None
     metrics: EditMetrics | None
     metrics_base: EditMetrics | None
-
-
-def make_strategy(cfg: RunConfig):
-    """Pick the strategy; only one process is supported by this module's strategies so far."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    strategy = cfg.dist.strategy
-    if strategy == "auto":
-        strategy = "none" if world_size == 1 else "fsdp"
-    if strategy != "none" or world_size != 1:
-        raise ConfigError(
-            f"dist.strategy={cfg.dist.strategy} with WORLD_SIZE={world_size}: only single-process runs "
-            "(dist.strategy=none) are available in this version"
-        )
-    return SingleProcess(cfg.model.device)
 
 
 def encode_edits(tokenizer, requests: list[EditRequest], cfg: RunConfig) -> list[EncodedExample]:
@@ -89,45 +74,55 @@ def read_heldout(path: str | None) -> list[str] | None:
     return texts
 
 
-def prepare_run_dir(cfg: RunConfig) -> Path | None:
-    """Create the run directory; return the finished delta if this exact run already completed."""
+def check_run_dir(cfg: RunConfig) -> Path | None:
+    """The finished delta if this exact run already completed; refuse a directory holding another run."""
+    run_dir = Path(cfg.output.dir)
+    saved = run_dir / "config.yaml"
+    if cfg.output.overwrite or not saved.is_file():
+        return None
+    if saved.read_text(encoding="utf-8") != cfg.to_yaml():
+        raise ConfigError(
+            f"{run_dir} holds a run with a different config; use a new output.dir or output.overwrite=true"
+        )
+    delta = run_dir / "delta.safetensors"
+    return delta if delta.is_file() else None
+
+
+def start_run_dir(cfg: RunConfig) -> Path:
+    """Create the run directory (clearing a previous run's outputs when overwriting) and save the config."""
     run_dir = Path(cfg.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    saved = run_dir / "config.yaml"
-    delta = run_dir / "delta.safetensors"
-    if saved.is_file() and not cfg.output.overwrite:
-        if saved.read_text(encoding="utf-8") != cfg.to_yaml():
-            raise ConfigError(
-                f"{run_dir} holds a run with a different config; "
-                "use a new output.dir or output.overwrite=true"
-            )
-        if delta.is_file():
-            return delta
     if cfg.output.overwrite:
         for name in ("delta.safetensors", "metrics.json", "log.jsonl"):
             (run_dir / name).unlink(missing_ok=True)
     tmp = run_dir / ".config.yaml.tmp"
     tmp.write_text(cfg.to_yaml(), encoding="utf-8")
-    os.replace(tmp, saved)
-    return None
+    os.replace(tmp, run_dir / "config.yaml")
+    return run_dir
 
 
 def run_edit(cfg: RunConfig) -> EditOutcome:
     """Run one editing job as configured and return where its outputs are."""
     strategy = make_strategy(cfg)
     setup_logging(strategy.is_main)
-    run_dir = Path(cfg.output.dir)
-    finished = prepare_run_dir(cfg)
-    if finished is not None:
-        logger.info("%s already finished with this config: delta at %s", run_dir, finished)
-        return EditOutcome(run_dir, finished, None, None, None)
-    run_log = RunLog(run_dir / "log.jsonl", enabled=strategy.is_main)
-    torch.manual_seed(cfg.train.seed)
+    try:
+        return _run_edit(cfg, strategy)
+    finally:
+        strategy.close()
 
+
+def _run_edit(cfg: RunConfig, strategy: Strategy) -> EditOutcome:
+    check_model_dir(cfg.model.path)  # fail on bad input before the run directory is touched
     edit_set = load_edits(
         cfg.edits.path, cfg.edits.format, skip_invalid=cfg.edits.skip_invalid, limit=cfg.edits.limit
     )
     requests = edit_set.requests
+    run_dir = Path(cfg.output.dir)
+    finished = check_run_dir(cfg)
+    if finished is not None:
+        logger.info("%s already finished with this config: delta at %s", run_dir, finished)
+        return EditOutcome(run_dir, finished, None, None, None)
+    torch.manual_seed(cfg.train.seed)
     logger.info(
         "%d edits from %s (%s; %d skipped, %d duplicates)",
         len(requests),
@@ -140,10 +135,9 @@ def run_edit(cfg: RunConfig) -> EditOutcome:
     examples = encode_edits(tokenizer, requests, cfg)
     pad_id = pad_token_id(tokenizer)
 
-    model = load_model(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-    location = resolve_location(model, cfg.locate.layers, cfg.locate.modules)
-    trainable = freeze_all_but(model, location.parameter_names)
-    base_tensors = {n: p.detach().clone() for n, p in trainable}
+    model, location = strategy.load_model(cfg.model, cfg.locate)
+    trainable = strategy.trainable_parameters(model)
+    base_tensors = strategy.gather_trainable(model)
     base_fingerprint = fingerprint_tensors(base_tensors)
     logger.info(
         "tuning %d tensors (%.2fM parameters) at layers %s: %s",
@@ -152,7 +146,9 @@ def run_edit(cfg: RunConfig) -> EditOutcome:
         list(location.layers),
         ", ".join(n for n, _ in trainable),
     )
-    model = strategy.wrap_model(model)
+    if strategy.is_main:
+        start_run_dir(cfg)
+    run_log = RunLog(run_dir / "log.jsonl", enabled=strategy.is_main)
     run_log.event(
         "setup",
         num_edits=len(requests),
@@ -212,10 +208,10 @@ def run_edit(cfg: RunConfig) -> EditOutcome:
         )
         if strategy.is_main:
             save_metrics(run_dir / "metrics.json", _metrics_record(metrics, metrics_base, result))
-            print(format_metrics_table({"unedited": metrics_base, "edited": metrics}, title=str(run_dir)))
         run_log.event("eval", **metrics.to_dict())
     run_log.event("done", seconds=time.time() - run_log.start)
     run_log.close()
+    strategy.barrier()
     return EditOutcome(run_dir, delta_path, result, metrics, metrics_base)
 
 

@@ -60,6 +60,22 @@ def _chunks(items: Sequence[int], size: int) -> list[Sequence[int]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def _rank_chunks(
+    batch: list[int], rank: int, world_size: int, micro: int
+) -> list[tuple[Sequence[int], float]]:
+    """This rank's micro-batches of a global batch, as (indices, weight).
+
+    Sharded models need every rank to run the same number of forward/backward passes (each one holds
+    collectives), so a rank whose share is shorter, or empty, pads with zero-weight passes over a real edit.
+    """
+    local = rank_slice(batch, rank, world_size)
+    num_chunks = math.ceil(math.ceil(len(batch) / world_size) / micro)
+    chunks: list[tuple[Sequence[int], float]] = [(c, 1.0) for c in _chunks(local, micro)]
+    while len(chunks) < num_chunks:
+        chunks.append(([batch[0]], 0.0))
+    return chunks
+
+
 def _forward_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return per_example_target_loss(logits, batch["labels"])
@@ -105,17 +121,16 @@ def train_breadth_first(
         loss_sum = torch.zeros((), dtype=torch.float64)
         stats = EpochStats(epoch, 0.0, 0, 0, 0, 0.0)
         for batch in sampler.epoch_batches():
-            local = rank_slice(batch.indices, strategy.rank, strategy.world_size)
             optimizer.zero_grad(set_to_none=True)
             batch_loss = torch.zeros((), dtype=torch.float64, device=strategy.device)
-            for chunk in _chunks(local, micro):
+            for chunk, weight in _rank_chunks(batch.indices, strategy.rank, strategy.world_size, micro):
                 inputs = {
                     k: v.to(strategy.device) for k, v in collate([examples[i] for i in chunk], pad_id).items()
                 }
-                per_edit = _forward_losses(model, inputs)
+                per_edit = _forward_losses(model, inputs) * weight
                 strategy.backward(per_edit.sum() / len(batch.indices))
                 batch_loss += per_edit.detach().double().sum()
-                stats.num_tokens += int(inputs["attention_mask"].sum())
+                stats.num_tokens += int(inputs["attention_mask"].sum()) * int(weight)
             batch_loss = strategy.all_reduce_sum(batch_loss).cpu()
             mean_loss = float(batch_loss) / len(batch.indices)
             loss_sum += batch_loss
@@ -149,7 +164,7 @@ def train_breadth_first(
         stats.seconds = time.perf_counter() - epoch_start
         result.epochs.append(stats)
         run_log.event("epoch", **stats.__dict__)
-        logger.info(
+        (logger.debug if not bar.disable else logger.info)(  # the bar already shows it
             "epoch %d: mean loss %.4f over %d steps (%d skipped), %.1fs",
             epoch,
             stats.mean_loss,

@@ -73,3 +73,10 @@ def test_every_key_is_documented():
         assert key in text
     assert "Adam betas" in text
     assert isinstance(RunConfig().to_json(), str)
+
+
+def test_config_reference_doc_is_current():
+    from tests.conftest import REPO
+
+    doc = (REPO / "docs" / "config.md").read_text()
+    assert describe_keys() in doc, "docs/config.md is stale: regenerate it from `locft edit --help-config`"

@@ -11,6 +11,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from locft_dist.config import LocateConfig, ModelConfig
+from locft_dist.locate import Location
+
 
 class Strategy(Protocol):
     rank: int
@@ -20,6 +23,10 @@ class Strategy(Protocol):
     @property
     def is_main(self) -> bool:
         """True on the rank that writes files and prints."""
+        ...
+
+    def load_model(self, model_cfg: ModelConfig, locate_cfg: LocateConfig) -> tuple[nn.Module, Location]:
+        """Load the model placed/sharded for this strategy, with only the located parameters trainable."""
         ...
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
@@ -36,8 +43,14 @@ class Strategy(Protocol):
         """Sum over ranks (returns the input unchanged for one process)."""
         ...
 
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
     def gather_trainable(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Full float32 copies of the trainable tensors keyed by HF parameter name (on CPU, main rank)."""
         ...
 
     def barrier(self) -> None: ...
+
+    def close(self) -> None:
+        """Leave the process group (if any)."""
+        ...

@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from locft_dist.config import LocateConfig, ModelConfig
+from locft_dist.locate import Location, freeze_all_but, resolve_location
+from locft_dist.model import load_model
+
 
 def pick_device(spec: str = "auto") -> torch.device:
     """``auto`` is CUDA when available, else CPU; anything else is passed to torch.device."""
@@ -26,6 +30,15 @@ class SingleProcess:
     def is_main(self) -> bool:
         return True
 
+    def load_model(self, model_cfg: ModelConfig, locate_cfg: LocateConfig) -> tuple[nn.Module, Location]:
+        """Load whole, choose and freeze, move to the device."""
+        model = load_model(
+            model_cfg.path, dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code
+        )
+        location = resolve_location(model, locate_cfg.layers, locate_cfg.modules)
+        freeze_all_but(model, location.parameter_names)
+        return self.wrap_model(model), location
+
     def wrap_model(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)
 
@@ -38,6 +51,9 @@ class SingleProcess:
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
     def gather_trainable(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return {
             n: p.detach().to(device="cpu", dtype=torch.float32).clone()
@@ -45,4 +61,7 @@ class SingleProcess:
         }
 
     def barrier(self) -> None:
+        return None
+
+    def close(self) -> None:
         return None

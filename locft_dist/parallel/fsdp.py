@@ -1,0 +1,145 @@
+"""FSDP2 (``fully_shard``) strategy: each decoder layer and the root sharded across ranks.
+
+Order of operations, so that no rank ever holds the whole model: build on the meta device -> resolve the
+location and freeze everything else -> shard -> allocate each rank's shard (``to_empty``) -> read exactly
+that shard's slices from the safetensors checkpoint -> recompute non-persistent buffers.
+
+Launch: ``torchrun --nproc_per_node N -m locft_dist.cli edit ...`` (gloo on CPU, NCCL on GPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from locft_dist.config import DistConfig, LocateConfig, ModelConfig
+from locft_dist.locate import Location, find_decoder_layers, freeze_all_but, resolve_location
+from locft_dist.model import DTYPES, SafetensorsCheckpoint, build_meta_model, rebuild_nonpersistent_buffers
+from locft_dist.parallel.memory import log_memory
+
+logger = logging.getLogger(__name__)
+
+
+def init_process_group(device_spec: str, timeout_minutes: float) -> tuple[int, int, torch.device]:
+    """Join the job started by torchrun/srun/deepspeed (env:// rendezvous): NCCL on GPU, gloo on CPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_spec != "cpu"
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=timedelta(minutes=timeout_minutes),
+            device_id=device if use_cuda else None,
+        )
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+class FSDPStrategy:
+    """FSDP2 over all ranks of the job (one data-parallel dimension)."""
+
+    def __init__(self, dist_cfg: DistConfig, device_spec: str = "auto") -> None:
+        self.rank, self.world_size, self.device = init_process_group(device_spec, dist_cfg.timeout_minutes)
+        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        param_dtype = DTYPES[dist_cfg.param_dtype] if dist_cfg.param_dtype else None
+        self.mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def load_model(self, model_cfg: ModelConfig, locate_cfg: LocateConfig) -> tuple[nn.Module, Location]:
+        """Meta build -> freeze -> shard -> load this rank's slices; trainable parameters stay float32."""
+        model = build_meta_model(
+            model_cfg.path, dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code
+        )
+        location = resolve_location(model, locate_cfg.layers, locate_cfg.modules)
+        trainable = freeze_all_but(model, location.parameter_names)
+        for _, param in trainable:
+            param.data = (
+                param.data.float()
+            )  # master copy in fp32; mp_policy.param_dtype sets the compute dtype
+        self._shard(model)
+        model.to_empty(device=self.device)
+        self._load_shards(model, model_cfg.path)
+        rebuild_nonpersistent_buffers(model, self.device)
+        log_memory("after loading the sharded model", self.device)
+        return model, location
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """Shard an already materialized (small) model in place."""
+        model.to(self.device)
+        self._shard(model)
+        return model
+
+    def _shard(self, model: nn.Module) -> None:
+        layout = find_decoder_layers(model)
+        for layer in model.get_submodule(layout.layers_path):
+            fully_shard(layer, mesh=self.mesh, mp_policy=self.mp_policy)
+        fully_shard(model, mesh=self.mesh, mp_policy=self.mp_policy)
+
+    @torch.no_grad()
+    def _load_shards(self, model: nn.Module, model_dir: str) -> None:
+        checkpoint = SafetensorsCheckpoint(model_dir)
+        for name, param in model.named_parameters():
+            self._copy_slice(checkpoint, name, param)
+        for name, buffer in model.named_buffers():
+            if checkpoint.key_for(name) is not None:
+                buffer.copy_(checkpoint.read(name).to(buffer.dtype))
+
+    def _copy_slice(self, checkpoint: SafetensorsCheckpoint, name: str, param: nn.Parameter) -> None:
+        if not isinstance(param, DTensor):
+            param.copy_(checkpoint.read(name).to(param.dtype))
+            return
+        shape, offset = compute_local_shape_and_global_offset(
+            param.shape, param.device_mesh, param.placements
+        )
+        local = param.to_local()
+        if local.numel() == 0:
+            return
+        index = tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
+        local.copy_(checkpoint.read(name, index).to(device=local.device, dtype=local.dtype))
+
+    def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # FSDP averages gradients over ranks; the trainer's loss is already a share of the global mean.
+        (loss * self.world_size).backward()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    def gather_trainable(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Full float32 copies of the trainable tensors only (a collective: every rank must call it)."""
+        out = {}
+        for name, param in self.trainable_parameters(model):
+            full = param.full_tensor() if isinstance(param, DTensor) else param
+            out[name] = full.detach().to(device="cpu", dtype=torch.float32).clone()
+        return out
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
