@@ -111,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
         from locft_dist.edit_job import run_edit
 
         outcome = run_edit(load_config(args.config, args.overrides))
+        if not outcome.is_main:
+            return 0
         if outcome.metrics is not None:
             from locft_dist.evaluate import format_metrics_table
 
@@ -152,11 +154,19 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from locft_dist.resumable import Preempted
+
     try:
         return run(args)
     except LocftError as err:
         print(f"locft {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Preempted as stop:
+        print(
+            f"locft {args.command}: preempted; checkpoint {stop}; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return Preempted.exit_code
 
 
 if __name__ == "__main__":

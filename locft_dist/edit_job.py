@@ -15,7 +15,7 @@ import torch
 from locft_dist.config import RunConfig
 from locft_dist.delta import compute_delta, fingerprint_tensors, write_delta
 from locft_dist.edits import EditRequest, edits_fingerprint, load_edits
-from locft_dist.edits.encode import EncodedExample, encode_pair, pad_token_id
+from locft_dist.edits.encode import EncodedExample, encode_pair, encode_pairs, pad_token_id
 from locft_dist.errors import ConfigError, EncodingError
 from locft_dist.evaluate import (
     EditMetrics,
@@ -26,14 +26,16 @@ from locft_dist.evaluate import (
 from locft_dist.model import check_model_dir, load_tokenizer
 from locft_dist.parallel import make_strategy
 from locft_dist.parallel.base import Strategy
+from locft_dist.resumable import clear_checkpoints, train_resumable
 from locft_dist.runlog import RunLog, setup_logging
-from locft_dist.trainer import TrainResult, train_breadth_first, train_depth_first
+from locft_dist.trainer import TrainResult, train_depth_first
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class EditOutcome:
+    is_main: bool
     run_dir: Path
     delta_path: Path
     train: TrainResult | None
@@ -43,22 +45,22 @@ class EditOutcome:
 
 def encode_edits(tokenizer, requests: list[EditRequest], cfg: RunConfig) -> list[EncodedExample]:
     """Training examples; an edit that cannot be encoded is reported with its record number."""
-    examples = []
-    for number, request in enumerate(requests, start=1):
-        try:
-            examples.append(
-                encode_pair(
-                    tokenizer,
-                    request.prompt,
-                    request.target_new,
-                    target_prefix=cfg.edits.target_prefix,
-                    append_eos=cfg.edits.append_eos,
-                    max_length=cfg.edits.max_length,
-                )
-            )
-        except EncodingError as err:
-            raise EncodingError(f"{cfg.edits.path}: edit {number}: {err}") from None
-    return examples
+    kwargs = {
+        "target_prefix": cfg.edits.target_prefix,
+        "append_eos": cfg.edits.append_eos,
+        "max_length": cfg.edits.max_length,
+    }
+    try:
+        return encode_pairs(
+            tokenizer, [r.prompt for r in requests], [r.target_new for r in requests], **kwargs
+        )
+    except EncodingError:
+        for number, request in enumerate(requests, start=1):  # find the offending edit for the message
+            try:
+                encode_pair(tokenizer, request.prompt, request.target_new, **kwargs)
+            except EncodingError as err:
+                raise EncodingError(f"{cfg.edits.path}: edit {number}: {err}") from None
+        raise
 
 
 def read_heldout(path: str | None) -> list[str] | None:
@@ -95,6 +97,7 @@ def start_run_dir(cfg: RunConfig) -> Path:
     if cfg.output.overwrite:
         for name in ("delta.safetensors", "metrics.json", "log.jsonl"):
             (run_dir / name).unlink(missing_ok=True)
+        clear_checkpoints(run_dir)
     tmp = run_dir / ".config.yaml.tmp"
     tmp.write_text(cfg.to_yaml(), encoding="utf-8")
     os.replace(tmp, run_dir / "config.yaml")
@@ -121,7 +124,7 @@ def _run_edit(cfg: RunConfig, strategy: Strategy) -> EditOutcome:
     finished = check_run_dir(cfg)
     if finished is not None:
         logger.info("%s already finished with this config: delta at %s", run_dir, finished)
-        return EditOutcome(run_dir, finished, None, None, None)
+        return EditOutcome(strategy.is_main, run_dir, finished, None, None, None)
     torch.manual_seed(cfg.train.seed)
     logger.info(
         "%d edits from %s (%s; %d skipped, %d duplicates)",
@@ -153,6 +156,7 @@ def _run_edit(cfg: RunConfig, strategy: Strategy) -> EditOutcome:
         "setup",
         num_edits=len(requests),
         dataset_fingerprint=edits_fingerprint(requests),
+        world_size=strategy.world_size,
         parameters=[n for n, _ in trainable],
         base_fingerprint=base_fingerprint,
     )
@@ -176,7 +180,15 @@ def _run_edit(cfg: RunConfig, strategy: Strategy) -> EditOutcome:
         cfg.train.epochs,
     )
     if cfg.train.pipeline == "breadth_first":
-        result = train_breadth_first(model, examples, strategy, cfg.train, pad_id, run_log=run_log)
+        result = train_resumable(
+            cfg,
+            strategy,
+            model,
+            examples,
+            pad_id,
+            dataset_fingerprint=edits_fingerprint(requests),
+            run_log=run_log,
+        )
     else:
         result = train_depth_first(model, examples, strategy, cfg.train, pad_id, run_log=run_log)
     logger.info(
@@ -212,7 +224,7 @@ def _run_edit(cfg: RunConfig, strategy: Strategy) -> EditOutcome:
     run_log.event("done", seconds=time.time() - run_log.start)
     run_log.close()
     strategy.barrier()
-    return EditOutcome(run_dir, delta_path, result, metrics, metrics_base)
+    return EditOutcome(strategy.is_main, run_dir, delta_path, result, metrics, metrics_base)
 
 
 def _eval_kwargs(cfg: RunConfig) -> dict[str, Any]:
@@ -230,10 +242,10 @@ def _metrics_record(metrics: EditMetrics, base: EditMetrics | None, result: Trai
         "train": {
             "pipeline": result.pipeline,
             "num_steps": result.num_steps,
-            "epochs_run": len(result.epochs),
+            "epochs_run": len(result.epoch_losses),
             "stopped_early": result.stopped_early,
             "seconds": round(result.seconds, 3),
             "edits_per_second": round(result.edits_per_second, 2),
-            "epoch_losses": [round(e.mean_loss, 6) for e in result.epochs],
+            "epoch_losses": [round(loss, 6) for loss in result.epoch_losses],
         },
     }

@@ -50,6 +50,8 @@ class TrainResult:
     seconds: float = 0.0
     num_edit_passes: int = 0
     """Edits forwarded and backpropagated (the compute budget, comparable across pipelines)."""
+    epoch_losses: list[float] = field(default_factory=list)
+    """Mean loss of every finished epoch, including those run before a resume."""
 
     @property
     def edits_per_second(self) -> float:
@@ -86,6 +88,25 @@ def _clip(params: list[nn.Parameter], max_norm: float | None) -> None:
         torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
+@dataclass
+class TrainProgress:
+    """What the loop needs besides the sampler to continue exactly; checkpointed with it."""
+
+    epoch_losses: list[float] = field(default_factory=list)
+    """Mean loss of every finished epoch (the early-stop rule reads the last one)."""
+    partial_loss_sum: float = 0.0
+    """Sum of per-edit losses so far in the current epoch (float64, exact through JSON)."""
+
+
+StepHook = Callable[[int, BreadthFirstSampler, TrainProgress], None]
+
+
+def _should_stop_early(cfg: TrainConfig, progress: TrainProgress) -> bool:
+    return bool(progress.epoch_losses) and (
+        cfg.early_stop_loss is not None and progress.epoch_losses[-1] < cfg.early_stop_loss
+    )
+
+
 def train_breadth_first(
     model: nn.Module,
     examples: Sequence[EncodedExample],
@@ -95,14 +116,16 @@ def train_breadth_first(
     *,
     sampler: BreadthFirstSampler | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    progress: TrainProgress | None = None,
     run_log: RunLog | None = None,
-    on_step_end: Callable[[int, BreadthFirstSampler], None] | None = None,
+    on_step_end: StepHook | None = None,
 ) -> TrainResult:
-    """LocFT-BF over ``examples``; ``sampler``/``optimizer`` may come from a checkpoint to resume."""
+    """LocFT-BF over ``examples``; ``sampler``/``optimizer``/``progress`` come from a checkpoint to resume."""
     run_log = run_log or RunLog(None)
     params = [p for _, p in strategy.trainable_parameters(model)]
     optimizer = optimizer or build_optimizer(params, cfg)
     sampler = sampler or BreadthFirstSampler(len(examples), cfg.batch_size, cfg.seed)
+    progress = progress or TrainProgress()
     total_steps = sampler.steps_per_epoch * cfg.epochs
     step = sampler.epoch * sampler.steps_per_epoch + (sampler.consumed % sampler.num_edits) // cfg.batch_size
     micro = cfg.micro_batch_size or math.ceil(cfg.batch_size / strategy.world_size)
@@ -116,9 +139,9 @@ def train_breadth_first(
         disable=not (cfg.progress and strategy.is_main),
         dynamic_ncols=True,
     )
-    for epoch in range(sampler.epoch, cfg.epochs):
+    while sampler.epoch < cfg.epochs and not _should_stop_early(cfg, progress):
+        epoch = sampler.epoch
         epoch_start = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64)
         stats = EpochStats(epoch, 0.0, 0, 0, 0, 0.0)
         for batch in sampler.epoch_batches():
             optimizer.zero_grad(set_to_none=True)
@@ -131,9 +154,9 @@ def train_breadth_first(
                 strategy.backward(per_edit.sum() / len(batch.indices))
                 batch_loss += per_edit.detach().double().sum()
                 stats.num_tokens += int(inputs["attention_mask"].sum()) * int(weight)
-            batch_loss = strategy.all_reduce_sum(batch_loss).cpu()
-            mean_loss = float(batch_loss) / len(batch.indices)
-            loss_sum += batch_loss
+            batch_loss_sum = float(strategy.all_reduce_sum(batch_loss).cpu())
+            mean_loss = batch_loss_sum / len(batch.indices)
+            progress.partial_loss_sum += batch_loss_sum
             skipped = cfg.skip_loss_below is not None and mean_loss < cfg.skip_loss_below
             lr = lr_at(step, cfg, total_steps)
             if skipped:
@@ -145,8 +168,11 @@ def train_breadth_first(
             step += 1
             stats.num_steps += 1
             result.num_edit_passes += len(batch.indices)
-            if step == 1:
+            if stats.num_steps == 1:
                 assert_state_owned_by(optimizer, params)
+            if sampler.consumed % sampler.num_edits == 0:  # the epoch is complete
+                progress.epoch_losses.append(progress.partial_loss_sum / sampler.num_edits)
+                progress.partial_loss_sum = 0.0
             run_log.event(
                 "step",
                 step=step,
@@ -159,8 +185,8 @@ def train_breadth_first(
             bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.4f}")
             bar.update(1)
             if on_step_end is not None:
-                on_step_end(step, sampler)
-        stats.mean_loss = float(loss_sum) / sampler.num_edits
+                on_step_end(step, sampler, progress)
+        stats.mean_loss = progress.epoch_losses[-1]
         stats.seconds = time.perf_counter() - epoch_start
         result.epochs.append(stats)
         run_log.event("epoch", **stats.__dict__)
@@ -172,17 +198,17 @@ def train_breadth_first(
             stats.num_skipped_steps,
             stats.seconds,
         )
-        if cfg.early_stop_loss is not None and stats.mean_loss < cfg.early_stop_loss:
-            result.stopped_early = epoch + 1 < cfg.epochs
-            if result.stopped_early:
-                logger.info(
-                    "epoch mean loss %.4g < early_stop_loss %.4g: stopping",
-                    stats.mean_loss,
-                    cfg.early_stop_loss,
-                )
-            break
+    if _should_stop_early(cfg, progress) and sampler.epoch < cfg.epochs:
+        result.stopped_early = True
+        logger.info(
+            "epoch mean loss %.4g < early_stop_loss %.4g: stopped after %d epochs",
+            progress.epoch_losses[-1],
+            cfg.early_stop_loss,
+            sampler.epoch,
+        )
     bar.close()
     result.num_steps = step
+    result.epoch_losses = list(progress.epoch_losses)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -234,6 +260,7 @@ def train_depth_first(
     result.seconds = time.perf_counter() - start
     mean = sum(losses) / len(losses)
     result.epochs.append(EpochStats(0, mean, result.num_steps, 0, 0, result.seconds))
+    result.epoch_losses = [mean]
     logger.info(
         "depth-first: %d edits, %d steps, mean final loss %.4f, %.1fs",
         len(order),

@@ -64,12 +64,46 @@ def encode_pair(
     If the sequence exceeds ``max_length`` the prompt is truncated from the left (its end is what the
     target conditions on); a target that alone does not fit is an error.
     """
-    prompt_ids = list(tokenizer(prompt, add_special_tokens=add_bos)["input_ids"])
-    target_ids = list(tokenizer(target_text(answer, target_prefix), add_special_tokens=False)["input_ids"])
-    if append_eos:
-        if tokenizer.eos_token_id is None:
-            raise EncodingError("append_eos is set but the tokenizer has no EOS token")
-        target_ids.append(int(tokenizer.eos_token_id))
+    return encode_pairs(
+        tokenizer,
+        [prompt],
+        [answer],
+        target_prefix=target_prefix,
+        append_eos=append_eos,
+        max_length=max_length,
+        add_bos=add_bos,
+    )[0]
+
+
+def encode_pairs(
+    tokenizer,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    *,
+    target_prefix: str = " ",
+    append_eos: bool = True,
+    max_length: int | None = None,
+    add_bos: bool = True,
+) -> list[EncodedExample]:
+    """``encode_pair`` for many pairs, tokenized in two batched calls (fast for 100K edits)."""
+    if append_eos and tokenizer.eos_token_id is None:
+        raise EncodingError("append_eos is set but the tokenizer has no EOS token")
+    if not prompts:
+        return []
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=add_bos)["input_ids"]
+    targets = [target_text(a, target_prefix) for a in answers]
+    target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
+    eos = [int(tokenizer.eos_token_id)] if append_eos else []
+    bos = tokenizer.bos_token_id if add_bos else None
+    return [
+        _join(list(p), list(t) + eos, answer, max_length, bos)
+        for p, t, answer in zip(prompt_ids, target_ids, answers, strict=True)
+    ]
+
+
+def _join(
+    prompt_ids: list[int], target_ids: list[int], answer: str, max_length: int | None, bos: int | None
+) -> EncodedExample:
     if not target_ids:
         raise EncodingError(f"target {answer!r} tokenizes to nothing")
     if max_length is not None and len(prompt_ids) + len(target_ids) > max_length:
@@ -79,8 +113,7 @@ def encode_pair(
                 "with at least one prompt token; raise edits.max_length"
             )
         keep = max_length - len(target_ids)
-        bos = tokenizer.bos_token_id
-        if add_bos and bos is not None and prompt_ids and prompt_ids[0] == bos and keep > 1:
+        if bos is not None and prompt_ids and prompt_ids[0] == bos and keep > 1:
             prompt_ids = [bos, *prompt_ids[len(prompt_ids) - keep + 1 :]]
         else:
             prompt_ids = prompt_ids[len(prompt_ids) - keep :]

@@ -1,0 +1,224 @@
+"""FSDP2 under torchrun, 2 ranks over gloo on CPU: equality with one process, exact resume, preemption."""
+
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from locft_dist.checkpoint import EXIT_PREEMPTED
+from locft_dist.edits import write_jsonl
+from tests.conftest import REPO
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+NUM_EDITS, BATCH, EPOCHS = 41, 10, 4  # 5 steps an epoch, the last one a single edit (one rank pads)
+
+
+def command(nproc: int, run_dir, args) -> list[str]:
+    launcher = [sys.executable, "-m", "locft_dist.cli"]
+    if nproc > 1:
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "locft_dist.cli",
+        ]
+    return [*launcher, "edit", *args, f"output.dir={run_dir}"]
+
+
+def run(nproc: int, run_dir, args, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        command(nproc, run_dir, args), capture_output=True, text=True, env=ENV, cwd=REPO, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def start(nproc: int, run_dir, args) -> subprocess.Popen:
+    return subprocess.Popen(
+        command(nproc, run_dir, args),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        cwd=REPO,
+        start_new_session=True,
+    )
+
+
+def wait_for_step(run_dir, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    log = run_dir / "log.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        if log.is_file():
+            steps = [
+                json.loads(line).get("step", 0)
+                for line in log.read_text().splitlines()
+                if '"event": "checkpoint"' in line
+            ]
+            if steps and max(steps) >= step:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint at step {step} within {timeout}s")
+
+
+def workers(proc: subprocess.Popen) -> list[int]:
+    """torchrun's worker processes (it starts each in a session of its own, so killpg misses them)."""
+    out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split()]
+
+
+def kill9(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every worker at once, like a node failure."""
+    for pid in [*workers(proc), proc.pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
+def delta(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "delta.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def setup(world_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    edits = tmp / "edits.jsonl"
+    write_jsonl(world_model.world.make_edits(NUM_EDITS, seed=2), edits)
+    args = [
+        f"model.path={world_model.model_dir}",
+        f"edits.path={edits}",
+        "locate.layers=[1, 2]",
+        "train.lr=1e-2",
+        f"train.batch_size={BATCH}",
+        f"train.epochs={EPOCHS}",
+        "eval.enabled=false",
+        "train.progress=false",
+        "train.early_stop_loss=null",
+        "output.checkpoint_every=1",
+    ]
+    single, double = tmp / "single", tmp / "double"
+    run(1, single, args)
+    run(2, double, args)
+    return {"tmp": tmp, "args": args, "single": delta(single), "double": delta(double), "world": world_model}
+
+
+def test_two_ranks_equal_one_process(setup):
+    assert set(setup["single"]) == {
+        "model.layers.1.mlp.down_proj.weight",
+        "model.layers.2.mlp.down_proj.weight",
+    }
+    for name, tensor in setup["single"].items():
+        assert tensor.abs().max() > 1e-3, "training should move the weights"
+        torch.testing.assert_close(setup["double"][name], tensor, atol=1e-5, rtol=0)
+
+
+def test_sigkill_mid_epoch_then_rerun_is_bitwise_identical(setup):
+    run_dir = setup["tmp"] / "killed"
+    kill_at = random.Random(os.getpid()).randint(6, 5 * EPOCHS - 4)  # mid-epoch or at a boundary
+    proc = start(2, run_dir, setup["args"])
+    wait_for_step(run_dir, kill_at, proc)
+    kill9(proc)
+    assert not (run_dir / "delta.safetensors").exists()
+    run(2, run_dir, setup["args"])
+    events = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "resume" for e in events), f"no resume: {[e['event'] for e in events]}"
+    for name, tensor in setup["double"].items():
+        assert torch.equal(delta(run_dir)[name], tensor), f"{name} differs after kill at step {kill_at}"
+
+
+@pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)])
+def test_resume_on_another_world_size(setup, first, second):
+    run_dir = setup["tmp"] / f"resize_{first}_{second}"
+    proc = start(first, run_dir, setup["args"])
+    wait_for_step(run_dir, 7, proc)
+    kill9(proc)
+    run(second, run_dir, setup["args"])
+    for name, tensor in setup["single"].items():
+        torch.testing.assert_close(delta(run_dir)[name], tensor, atol=1e-5, rtol=0)
+
+
+def test_signal_saves_exits_with_the_preemption_code_and_resumes(setup):
+    run_dir = setup["tmp"] / "preempted"
+    args = [a for a in setup["args"] if not a.startswith("output.checkpoint_every")] + [
+        "output.checkpoint_every=100",
+        f"train.epochs={EPOCHS * 4}",
+    ]
+    proc = subprocess.Popen(
+        command(2, run_dir, args),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        cwd=REPO,
+        start_new_session=True,
+    )
+    log = run_dir / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.is_file() and '"event": "step"' in log.read_text()):
+        time.sleep(0.05)
+    ranks = workers(proc)
+    assert len(ranks) == 2, ranks
+    os.kill(ranks[1], signal.SIGUSR1)  # one rank only: the flag is all-reduced
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert f"exitcode  : {EXIT_PREEMPTED}" in stderr or f"exitcode: {EXIT_PREEMPTED}" in stderr, stderr[
+        -3000:
+    ]
+    checkpoints = sorted((run_dir / "checkpoints").glob("step-*"))
+    assert checkpoints, "a checkpoint must be written on preemption"
+    assert not (run_dir / "delta.safetensors").exists()
+    run(2, run_dir, args)
+    assert (run_dir / "delta.safetensors").is_file()
+
+
+def test_single_process_preemption_exit_code(setup):
+    run_dir = setup["tmp"] / "preempted_single"
+    args = [*setup["args"], f"train.epochs={EPOCHS * 20}"]
+    proc = start(1, run_dir, args)
+    wait_for_step(run_dir, 2, proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == EXIT_PREEMPTED
+    assert "rerun the same command to resume" in proc.stderr.read()
+
+
+def test_corrupted_latest_checkpoint_falls_back_with_a_warning(setup):
+    run_dir = setup["tmp"] / "corrupt"
+    proc = start(2, run_dir, setup["args"])
+    wait_for_step(run_dir, 9, proc)
+    kill9(proc)
+    newest = max((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    victim = max((p for p in newest.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    proc = run(2, run_dir, setup["args"])
+    assert "skipping checkpoint" in proc.stderr
+    for name, tensor in setup["double"].items():
+        assert torch.equal(delta(run_dir)[name], tensor)
+
+
+def test_a_checkpoint_from_other_data_is_refused(setup):
+    run_dir = setup["tmp"] / "refused"
+    proc = start(1, run_dir, setup["args"])
+    wait_for_step(run_dir, 3, proc)
+    kill9(proc)
+    other = setup["tmp"] / "other.jsonl"
+    write_jsonl(setup["world"].world.make_edits(NUM_EDITS, seed=5), other)
+    (run_dir / "config.yaml").unlink()  # same directory, other edits: only the checkpoint can object
+    args = [a if not a.startswith("edits.path") else f"edits.path={other}" for a in setup["args"]]
+    proc = run(1, run_dir, args, check=False)
+    assert proc.returncode == 2 and "another edit set" in proc.stderr
