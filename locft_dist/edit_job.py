@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from locft_dist.config import RunConfig
-from locft_dist.delta import compute_delta, fingerprint_tensors, write_delta
+from locft_dist.delta import compute_delta, fingerprint_tensors, read_base_tensors, write_delta
 from locft_dist.edits import EditRequest, edits_fingerprint, load_edits
 from locft_dist.edits.encode import EncodedExample, encode_pair, encode_pairs, pad_token_id
 from locft_dist.errors import ConfigError, EncodingError
@@ -140,7 +140,8 @@ def _run_edit(cfg: RunConfig, strategy: Strategy) -> EditOutcome:
 
     model, location = strategy.load_model(cfg.model, cfg.locate)
     trainable = strategy.trainable_parameters(model)
-    base_tensors = strategy.gather_trainable(model)
+    # The base as stored on disk (not as loaded in model.dtype): what `locft apply` will add the delta to.
+    base_tensors = read_base_tensors(cfg.model.path, [n for n, _ in trainable])
     base_fingerprint = fingerprint_tensors(base_tensors)
     logger.info(
         "tuning %d tensors (%.2fM parameters) at layers %s: %s",

@@ -19,7 +19,7 @@ from locft_dist.edits.encode import EncodedExample
 from locft_dist.errors import ConfigError
 from locft_dist.optim import build_optimizer
 from locft_dist.parallel.base import Strategy
-from locft_dist.parallel.memory import training_state_bytes
+from locft_dist.parallel.memory import log_memory, training_state_bytes
 from locft_dist.runlog import RunLog
 from locft_dist.sampler import BreadthFirstSampler
 from locft_dist.trainer import TrainProgress, TrainResult, train_breadth_first
@@ -111,8 +111,12 @@ def train_resumable(
                 ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in memory.items()),
             )
             run_log.event("memory", rank=strategy.rank, **memory)
+            run_log.event("peak_memory", step=step, **log_memory("after the first step", strategy.device))
         stop = flag.should_stop(strategy.all_reduce_max, device=strategy.device)
         epoch_end = sampler.consumed % sampler.num_edits == 0
+        if epoch_end:
+            label = f"at the end of epoch {sampler.epoch - 1}"
+            run_log.event("peak_memory", step=step, **log_memory(label, strategy.device))
         if stop or (every and step % every == 0) or (not every and epoch_end):
             path = save(step)
             if stop:

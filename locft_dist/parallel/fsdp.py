@@ -67,10 +67,13 @@ class FSDPStrategy:
         )
         location = resolve_location(model, locate_cfg.layers, locate_cfg.modules)
         trainable = freeze_all_but(model, location.parameter_names)
-        for _, param in trainable:
-            param.data = (
-                param.data.float()
-            )  # master copy in fp32; mp_policy.param_dtype sets the compute dtype
+        for _, param in trainable:  # fp32 master copy; mp_policy.param_dtype sets the compute dtype
+            param.data = param.data.float()
+        if self.mp_policy.param_dtype is None and model_cfg.dtype != "float32":
+            # FSDP all-gathers a layer in one dtype: compute in the model's dtype, keep fp32 master shards.
+            self.mp_policy = MixedPrecisionPolicy(
+                param_dtype=DTYPES[model_cfg.dtype], reduce_dtype=torch.float32
+            )
         self._shard(model)
         model.to_empty(device=self.device)
         self._load_shards(model, model_cfg.path)
