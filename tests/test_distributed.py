@@ -105,7 +105,6 @@ def setup(world_model, tmp_path_factory):
         "train.lr=1e-2",
         f"train.batch_size={BATCH}",
         f"train.epochs={EPOCHS}",
-        "eval.enabled=false",
         "train.progress=false",
         "train.early_stop_loss=null",
         "output.checkpoint_every=1",
@@ -113,7 +112,18 @@ def setup(world_model, tmp_path_factory):
     single, double = tmp / "single", tmp / "double"
     run(1, single, args)
     run(2, double, args)
-    return {"tmp": tmp, "args": args, "single": delta(single), "double": delta(double), "world": world_model}
+    metrics = {
+        name: json.loads((path / "metrics.json").read_text())
+        for name, path in (("single", single), ("double", double))
+    }
+    return {
+        "tmp": tmp,
+        "args": args,
+        "single": delta(single),
+        "double": delta(double),
+        "world": world_model,
+        "metrics": metrics,
+    }
 
 
 def test_two_ranks_equal_one_process(setup):
@@ -222,3 +232,26 @@ def test_a_checkpoint_from_other_data_is_refused(setup):
     args = [a if not a.startswith("edits.path") else f"edits.path={other}" for a in setup["args"]]
     proc = run(1, run_dir, args, check=False)
     assert proc.returncode == 2 and "another edit set" in proc.stderr
+
+
+def test_distributed_evaluation_reports_the_single_process_numbers(setup):
+    single, double = setup["metrics"]["single"], setup["metrics"]["double"]
+    for part in ("unedited", "edited"):
+        for key in ("reliability_tf", "generalization_tf", "locality_tf", "reliability_em", "locality_em"):
+            assert double[part][key] == pytest.approx(single[part][key], abs=1e-6), (part, key)
+    assert double["edited"]["reliability_tf"] > double["unedited"]["reliability_tf"]
+
+
+def test_launch_script_runs_the_same_job(setup):
+    run_dir = setup["tmp"] / "launcher"
+    proc = subprocess.run(
+        ["bash", "launch/torchrun.sh", *setup["args"], f"output.dir={run_dir}"],
+        capture_output=True,
+        text=True,
+        env={**ENV, "NPROC": "2"},
+        cwd=REPO,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name, tensor in setup["double"].items():
+        assert torch.equal(delta(run_dir)[name], tensor)

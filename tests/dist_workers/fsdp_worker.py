@@ -306,6 +306,9 @@ def main(argv: list[str] | None = None) -> None:
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps({"world_size": world_size, "ranks": per_rank}, indent=1))
         os.replace(tmp, out)
+    # End on a barrier, as the edit job does: gloo's worker threads otherwise may still be releasing the
+    # all-gather's Python-owned tensors while the interpreter finalizes, which aborts the process.
+    strategy.barrier()
     strategy.close()
 
 
