@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from locft_dist.errors import LocftError
@@ -154,6 +155,17 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    code = _run_with_exit_code(args)
+    if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # gloo can still be releasing a collective's tensors in a background thread after the process group
+        # is destroyed; interpreter teardown then aborts the process. Everything is written: leave at once.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _run_with_exit_code(args: argparse.Namespace) -> int:
     from locft_dist.resumable import Preempted
 
     try:

@@ -171,6 +171,7 @@ def _run_edit(cfg: RunConfig, strategy: Strategy) -> EditOutcome:
         metrics_base = evaluate_edits(
             model, tokenizer, eval_requests, reference, heldout_texts=heldout, **_eval_kwargs(cfg)
         )
+        _reshard(model)
 
     logger.info(
         "training: %s, %d edits, batch %d, lr %g, up to %d epochs",
@@ -219,6 +220,7 @@ def _run_edit(cfg: RunConfig, strategy: Strategy) -> EditOutcome:
             perplexity_base=metrics_base.perplexity if metrics_base else None,
             **_eval_kwargs(cfg),
         )
+        _reshard(model)
         if strategy.is_main:
             save_metrics(run_dir / "metrics.json", _metrics_record(metrics, metrics_base, result))
         run_log.event("eval", **metrics.to_dict())
@@ -226,6 +228,13 @@ def _run_edit(cfg: RunConfig, strategy: Strategy) -> EditOutcome:
     run_log.close()
     strategy.barrier()
     return EditOutcome(strategy.is_main, run_dir, delta_path, result, metrics, metrics_base)
+
+
+def _reshard(model) -> None:
+    """FSDP2 leaves the root's parameters (embeddings, head) gathered after a forward without backward."""
+    reshard = getattr(model, "reshard", None)
+    if callable(reshard):
+        reshard()
 
 
 def _eval_kwargs(cfg: RunConfig) -> dict[str, Any]:
