@@ -14,4 +14,5 @@ import sys
 from locft_dist.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["edit", *sys.argv[1:]]))
+    sys.argv = [sys.argv[0], "edit", *sys.argv[1:]]
+    sys.exit(main())
