@@ -255,3 +255,43 @@ def test_launch_script_runs_the_same_job(setup):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name, tensor in setup["double"].items():
         assert torch.equal(delta(run_dir)[name], tensor)
+
+
+def test_two_nodes_with_c10d_rendezvous(setup):
+    """Two torchrun agents (one process each), as on two nodes, meeting through a c10d rendezvous."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run_dir = setup["tmp"] / "two_nodes"
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{port}",
+                "--rdzv_id=locft-test",
+                "-m",
+                "locft_dist.cli",
+                "edit",
+                *setup["args"],
+                f"output.dir={run_dir}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+            cwd=REPO,
+        )
+        for _ in range(2)
+    ]
+    for agent in agents:
+        _, stderr = agent.communicate(timeout=600)
+        assert agent.returncode == 0, stderr[-3000:]
+    for name, tensor in setup["double"].items():
+        torch.testing.assert_close(delta(run_dir)[name], tensor, atol=1e-6, rtol=0)
