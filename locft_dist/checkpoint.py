@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -192,11 +192,35 @@ def verify(path: Path) -> str | None:
     return None
 
 
+@runtime_checkable
+class TensorStateIO(Protocol):
+    """A strategy that exports its trainable state as full tensors (DeepSpeed) instead of DCP state dicts.
+
+    The tensors are laid out like FSDP's (``model.<name>``, ``optim.state.<name>.<key>``), so the same
+    DCP + manifest scheme, checks and resharding apply.
+    """
+
+    def checkpoint_tensors(self, model: nn.Module, optimizer: Any) -> tuple[dict, bool]:
+        """({"model": ..., "optim": {"state": ...}}, whether the optimizer has state yet); collective."""
+        ...
+
+    def checkpoint_template(self, model: nn.Module, has_optimizer_state: bool) -> dict: ...
+
+    def load_checkpoint_tensors(self, model: nn.Module, optimizer: Any, tensors: dict) -> None: ...
+
+
 class CheckpointManager:
     """Saves and finds checkpoints under ``run_dir/checkpoints``; ``save``/``load`` are collective."""
 
     def __init__(
-        self, run_dir: Path, *, keep_last: int, rank: int, world_size: int, barrier: Callable[[], None]
+        self,
+        run_dir: Path,
+        *,
+        keep_last: int,
+        rank: int,
+        world_size: int,
+        barrier: Callable[[], None],
+        state_io: TensorStateIO | None = None,
     ) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1; got {keep_last}")
@@ -205,6 +229,7 @@ class CheckpointManager:
         self.rank = rank
         self.world_size = world_size
         self.barrier = barrier
+        self.state_io = state_io
 
     @property
     def _no_dist(self) -> bool:
@@ -238,15 +263,22 @@ class CheckpointManager:
         self.barrier()
         # get_optimizer_state_dict "initializes" an empty optimizer with a zero-lr step, which would change
         # Adam's step count; an optimizer that has not stepped yet is saved without state instead.
-        has_optimizer_state = bool(optimizer.state)
-        tensors: dict[str, Any] = {"model": get_model_state_dict(model, options=_SAVE_OPTIONS)}
         groups: list[dict] = []
-        if has_optimizer_state:
-            optim_sd = get_optimizer_state_dict(model, optimizer, options=_SAVE_OPTIONS)
-            tensors["optim"] = {"state": optim_sd["state"]}
-            groups = [
-                {k: _jsonable(v) for k, v in g.items() if k != "params"} for g in optim_sd["param_groups"]
-            ]
+        if self.state_io is not None:
+            tensors, has_optimizer_state = self.state_io.checkpoint_tensors(model, optimizer)
+            if has_optimizer_state:
+                groups = [
+                    {k: _jsonable(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups
+                ]
+        else:
+            has_optimizer_state = bool(optimizer.state)
+            tensors = {"model": get_model_state_dict(model, options=_SAVE_OPTIONS)}
+            if has_optimizer_state:
+                optim_sd = get_optimizer_state_dict(model, optimizer, options=_SAVE_OPTIONS)
+                tensors["optim"] = {"state": optim_sd["state"]}
+                groups = [
+                    {k: _jsonable(v) for k, v in g.items() if k != "params"} for g in optim_sd["param_groups"]
+                ]
         self._dcp(dcp.save, tensors, tmp)
         if self.rank == 0:
             state = dataclasses.replace(state, step=step, world_size=self.world_size, rng=capture_rng())
@@ -318,6 +350,14 @@ class CheckpointManager:
         payload = json.loads((path / "train_state.json").read_text())
         if payload.get("format") != FORMAT:
             raise ValueError(f"{path}: unknown checkpoint format {payload.get('format')!r}")
+        if self.state_io is not None:
+            tensors = self.state_io.checkpoint_template(model, payload["has_optimizer_state"])
+            _check_keys(path, tensors)
+            self._dcp(dcp.load, tensors, path)
+            self.state_io.load_checkpoint_tensors(model, optimizer, tensors)
+            if payload["has_optimizer_state"]:
+                _restore_param_groups(optimizer.param_groups, payload["optimizer_param_groups"], path)
+            return self._loaded(path, payload)
         optimizer.zero_grad(set_to_none=True)  # so get_optimizer_state_dict fills in a complete template
         tensors: dict[str, Any] = {"model": get_model_state_dict(model, options=_SAVE_OPTIONS)}
         optim_sd = None
@@ -333,6 +373,9 @@ class CheckpointManager:
             optim_sd = {"state": tensors["optim"]["state"], "param_groups": optim_sd["param_groups"]}
             _restore_param_groups(optim_sd["param_groups"], payload["optimizer_param_groups"], path)
             set_optimizer_state_dict(model, optimizer, optim_sd, options=_LOAD_OPTIONS)
+        return self._loaded(path, payload)
+
+    def _loaded(self, path: Path, payload: dict) -> TrainState:
         state = TrainState(**payload["train_state"])
         restore_rng(state.rng)
         logger.info("resumed from %s (step %d, saved on %d ranks)", path, state.step, state.world_size)

@@ -13,11 +13,10 @@ from pathlib import Path
 
 from torch import nn
 
-from locft_dist.checkpoint import EXIT_PREEMPTED, CheckpointManager, PreemptionFlag, TrainState
+from locft_dist.checkpoint import EXIT_PREEMPTED, CheckpointManager, PreemptionFlag, TensorStateIO, TrainState
 from locft_dist.config import RunConfig
 from locft_dist.edits.encode import EncodedExample
 from locft_dist.errors import ConfigError
-from locft_dist.optim import build_optimizer
 from locft_dist.parallel.base import Strategy
 from locft_dist.parallel.memory import log_memory, training_state_bytes
 from locft_dist.runlog import RunLog
@@ -49,8 +48,7 @@ def train_resumable(
 ) -> TrainResult:
     """Run LocFT-BF, resuming from and writing checkpoints under ``output.dir/checkpoints``."""
     run_dir = Path(cfg.output.dir)
-    params = [p for _, p in strategy.trainable_parameters(model)]
-    optimizer = build_optimizer(params, cfg.train)
+    optimizer = strategy.build_optimizer(model, cfg.train)
     sampler = BreadthFirstSampler(len(examples), cfg.train.batch_size, cfg.train.seed, dataset_fingerprint)
     progress = TrainProgress()
     manager = CheckpointManager(
@@ -59,6 +57,7 @@ def train_resumable(
         rank=strategy.rank,
         world_size=strategy.world_size,
         barrier=strategy.barrier,
+        state_io=strategy if isinstance(strategy, TensorStateIO) else None,
     )
     latest = manager.latest_valid()
     if latest is not None:

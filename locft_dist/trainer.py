@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from locft_dist.config import TrainConfig
 from locft_dist.edits.encode import EncodedExample, collate, per_example_target_loss
-from locft_dist.optim import assert_state_owned_by, build_optimizer, lr_at, set_lr
+from locft_dist.optim import build_optimizer, lr_at
 from locft_dist.parallel.base import Strategy
 from locft_dist.runlog import RunLog
 from locft_dist.sampler import BreadthFirstSampler, rank_slice
@@ -122,8 +122,7 @@ def train_breadth_first(
 ) -> TrainResult:
     """LocFT-BF over ``examples``; ``sampler``/``optimizer``/``progress`` come from a checkpoint to resume."""
     run_log = run_log or RunLog(None)
-    params = [p for _, p in strategy.trainable_parameters(model)]
-    optimizer = optimizer or build_optimizer(params, cfg)
+    optimizer = optimizer or strategy.build_optimizer(model, cfg)
     sampler = sampler or BreadthFirstSampler(len(examples), cfg.batch_size, cfg.seed)
     progress = progress or TrainProgress()
     total_steps = sampler.steps_per_epoch * cfg.epochs
@@ -144,7 +143,7 @@ def train_breadth_first(
         epoch_start = time.perf_counter()
         stats = EpochStats(epoch, 0.0, 0, 0, 0, 0.0)
         for batch in sampler.epoch_batches():
-            optimizer.zero_grad(set_to_none=True)
+            strategy.zero_grad(optimizer)
             batch_loss = torch.zeros((), dtype=torch.float64, device=strategy.device)
             for chunk, weight in _rank_chunks(batch.indices, strategy.rank, strategy.world_size, micro):
                 inputs = {
@@ -162,14 +161,12 @@ def train_breadth_first(
             if skipped:
                 stats.num_skipped_steps += 1
             else:
-                _clip(params, cfg.max_grad_norm)
-                set_lr(optimizer, lr)
-                optimizer.step()
+                strategy.optimizer_step(optimizer, lr, cfg.max_grad_norm)
             step += 1
             stats.num_steps += 1
             result.num_edit_passes += len(batch.indices)
             if stats.num_steps == 1:
-                assert_state_owned_by(optimizer, params)
+                strategy.check_optimizer(model, optimizer)
             if sampler.consumed % sampler.num_edits == 0:  # the epoch is complete
                 progress.epoch_losses.append(progress.partial_loss_sum / sampler.num_edits)
                 progress.partial_loss_sum = 0.0

@@ -29,4 +29,12 @@ def make_strategy(cfg: RunConfig) -> Strategy:
         from locft_dist.parallel.fsdp import FSDPStrategy
 
         return FSDPStrategy(cfg.dist, cfg.model.device)
-    raise ConfigError(f"dist.strategy={name} is not available in this version (use none or fsdp)")
+    if name == "deepspeed":
+        try:
+            from locft_dist.parallel.deepspeed import DeepSpeedStrategy
+        except ImportError as err:
+            raise ConfigError(
+                f"dist.strategy=deepspeed needs DeepSpeed: pip install 'locft-dist[deepspeed]' ({err})"
+            ) from None
+        return DeepSpeedStrategy(cfg)
+    raise ConfigError(f"dist.strategy={name} is unknown (use auto, none, fsdp or deepspeed)")

@@ -11,8 +11,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from locft_dist.config import LocateConfig, ModelConfig
+from locft_dist.config import LocateConfig, ModelConfig, TrainConfig
 from locft_dist.locate import Location
+from locft_dist.optim import assert_state_owned_by, build_optimizer, set_lr
 
 
 class Strategy(Protocol):
@@ -37,6 +38,20 @@ class Strategy(Protocol):
         """(name, parameter) of every parameter with requires_grad, in model order."""
         ...
 
+    def build_optimizer(self, model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+        """The optimizer over the trainable parameters only (DeepSpeed: the engine's ZeRO optimizer)."""
+        ...
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, lr: float, max_norm: float | None) -> None:
+        """Clip the global gradient norm (if ``max_norm``), set the lr, step."""
+        ...
+
+    def check_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Assert the optimizer holds the trainable parameters and nothing else."""
+        ...
+
     def backward(self, loss: torch.Tensor) -> None: ...
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -54,3 +69,26 @@ class Strategy(Protocol):
     def close(self) -> None:
         """Leave the process group (if any)."""
         ...
+
+
+class TorchOptimizer:
+    """Optimizer handling shared by the strategies that drive a plain torch optimizer (single, FSDP)."""
+
+    def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def build_optimizer(self, model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+        return build_optimizer([p for _, p in self.trainable_parameters(model)], cfg)
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, lr: float, max_norm: float | None) -> None:
+        if max_norm is not None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+        set_lr(optimizer, lr)
+        optimizer.step()
+
+    def check_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        assert_state_owned_by(optimizer, [p for _, p in self.trainable_parameters(model)])

@@ -24,6 +24,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from locft_dist.config import DistConfig, LocateConfig, ModelConfig
 from locft_dist.locate import Location, find_decoder_layers, freeze_all_but, resolve_location
 from locft_dist.model import DTYPES, SafetensorsCheckpoint, build_meta_model, rebuild_nonpersistent_buffers
+from locft_dist.parallel.base import TorchOptimizer
 from locft_dist.parallel.memory import log_memory
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def init_process_group(device_spec: str, timeout_minutes: float) -> tuple[int, i
     return dist.get_rank(), dist.get_world_size(), device
 
 
-class FSDPStrategy:
+class FSDPStrategy(TorchOptimizer):
     """FSDP2 over all ranks of the job (one data-parallel dimension)."""
 
     def __init__(self, dist_cfg: DistConfig, device_spec: str = "auto") -> None:
@@ -114,9 +115,6 @@ class FSDPStrategy:
             return
         index = tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
         local.copy_(checkpoint.read(name, index).to(device=local.device, dtype=local.dtype))
-
-    def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     def backward(self, loss: torch.Tensor) -> None:
         # FSDP averages gradients over ranks; the trainer's loss is already a share of the global mean.

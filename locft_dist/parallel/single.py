@@ -8,6 +8,7 @@ from torch import nn
 from locft_dist.config import LocateConfig, ModelConfig
 from locft_dist.locate import Location, freeze_all_but, resolve_location
 from locft_dist.model import load_model
+from locft_dist.parallel.base import TorchOptimizer
 
 
 def pick_device(spec: str = "auto") -> torch.device:
@@ -17,7 +18,7 @@ def pick_device(spec: str = "auto") -> torch.device:
     return torch.device(spec)
 
 
-class SingleProcess:
+class SingleProcess(TorchOptimizer):
     """Strategy for one process: no communication, the model stays whole."""
 
     rank = 0
@@ -41,9 +42,6 @@ class SingleProcess:
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)
-
-    def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()

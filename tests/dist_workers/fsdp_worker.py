@@ -33,7 +33,6 @@ from locft_dist.edit_job import encode_edits
 from locft_dist.edits import load_edits
 from locft_dist.edits.encode import EncodedExample, pad_token_id
 from locft_dist.model import load_tokenizer
-from locft_dist.optim import build_optimizer
 from locft_dist.parallel.base import Strategy
 from locft_dist.parallel.memory import local_bytes, training_state_bytes
 from locft_dist.trainer import train_breadth_first
@@ -176,7 +175,7 @@ def check_training(
     frozen_before = {n: full(p).clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable_before = {n: full(p).clone() for n, p in model.named_parameters() if p.requires_grad}
     params = [p for _, p in strategy.trainable_parameters(model)]
-    optimizer = build_optimizer(params, cfg)
+    optimizer = strategy.build_optimizer(model, cfg)
     result = train_breadth_first(model, examples, strategy, cfg, pad_id, optimizer=optimizer)
 
     frozen_changed = [

@@ -1,0 +1,365 @@
+"""DeepSpeed ZeRO-3 (or ZeRO-2) strategy: the engine owns sharding, gradient reduction and the step.
+
+Order of operations, so that no rank ever holds the whole model under ZeRO-3: the HF DeepSpeed config
+integration (``HfDeepSpeedConfig``) makes ``from_pretrained`` build the model under ``deepspeed.zero.Init``,
+so each parameter is partitioned as soon as it is created -> resolve the location and freeze everything
+else -> build our optimizer over the localized parameters only -> ``deepspeed.initialize`` with it as the
+client optimizer, so ZeRO keeps fp32 partitions and Adam moments for the localized parameters only.
+
+The delta and checkpoints gather the trainable tensors only (``safe_get_full_fp32_param`` /
+``safe_get_full_optimizer_state``) and checkpoints go through the same DCP + manifest scheme as FSDP, keyed
+by HF parameter name, so a DeepSpeed checkpoint resumes on any world size (see docs/deepspeed.md).
+
+Launch: ``deepspeed --num_gpus N launch/edit.py dist.strategy=deepspeed ...`` (gloo on CPU, NCCL on GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from locft_dist.config import LocateConfig, ModelConfig, RunConfig, TrainConfig
+from locft_dist.errors import ConfigError
+from locft_dist.locate import Location, freeze_all_but, resolve_location
+from locft_dist.model import DTYPES, check_model_dir
+from locft_dist.optim import build_optimizer, set_lr
+from locft_dist.parallel.fsdp import init_process_group
+from locft_dist.parallel.memory import log_memory
+
+logger = logging.getLogger(__name__)
+
+_ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
+# Keys DeepSpeed batch/optimizer settings that we own: "auto" (or absent) is filled from our config.
+_OWNED_BY_US = ("optimizer", "scheduler")
+
+
+def resolve_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """Read ``dist.deepspeed_config`` and fill every ``"auto"`` from our config; refuse disagreements.
+
+    Our trainer forms the global batch itself (``train.batch_size`` edits, each rank its share, gradient
+    accumulation over ``train.micro_batch_size``), so DeepSpeed is told one micro-batch of a rank's share
+    per step and no accumulation: ``train_batch_size = ceil(batch_size / world_size) * world_size``.
+    """
+    path = cfg.dist.deepspeed_config
+    if path:
+        try:
+            ds = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"dist.deepspeed_config: cannot read {path}: {err}") from None
+    else:
+        ds = {"zero_optimization": {"stage": 3}}
+    for key in _OWNED_BY_US:
+        if key in ds:
+            raise ConfigError(
+                f"dist.deepspeed_config: remove '{key}' from {path}: the optimizer and lr schedule come "
+                "from train.* (so that they cannot disagree across strategies)"
+            )
+    share = math.ceil(cfg.train.batch_size / world_size)
+    filled = {
+        "train_micro_batch_size_per_gpu": share,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": share * world_size,
+        "gradient_clipping": cfg.train.max_grad_norm or 0.0,
+    }
+    for key, value in filled.items():
+        given = ds.get(key, "auto")
+        if given != "auto" and given != value:
+            raise ConfigError(
+                f"dist.deepspeed_config: {key}={given!r} in {path} disagrees with our config ({value!r}, "
+                'from train.batch_size/train.max_grad_norm and the world size); set it to "auto"'
+            )
+        ds[key] = value
+    precision = {"bfloat16": "bf16", "float16": "fp16"}.get(cfg.dist.param_dtype or cfg.model.dtype)
+    for section in ("bf16", "fp16"):
+        enabled = ds.get(section, {}).get("enabled", False)
+        if enabled == "auto":
+            ds[section]["enabled"] = section == precision
+        elif enabled and section != precision:
+            raise ConfigError(
+                f"dist.deepspeed_config: {section}.enabled=true but model.dtype/dist.param_dtype is "
+                f"{cfg.dist.param_dtype or cfg.model.dtype}"
+            )
+    zero = ds.setdefault("zero_optimization", {"stage": 3})
+    if zero.get("stage") not in (2, 3):
+        raise ConfigError(
+            f"dist.deepspeed_config: zero_optimization.stage must be 2 or 3, got {zero.get('stage')}"
+        )
+    for key, value in list(zero.items()):
+        if value == "auto":  # bucket sizes etc.: DeepSpeed's own defaults
+            del zero[key]
+    # Our optimizer is torch Adam/AdamW over the localized parameters, also when ZeRO offloads it to CPU.
+    ds["zero_allow_untested_optimizer"] = True
+    ds.setdefault("zero_force_ds_cpu_optimizer", False)
+    ds.setdefault("steps_per_print", 1 << 30)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def _strip(name: str) -> str:
+    return name.removeprefix("module.")
+
+
+class DeepSpeedStrategy:
+    """ZeRO-2/3 over all ranks of the job; the model handed to the trainer is the DeepSpeed engine."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        import deepspeed
+
+        if "RANK" not in os.environ:  # one process started without a launcher: a group of one
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        self.rank, self.world_size, self.device = init_process_group(
+            cfg.model.device, cfg.dist.timeout_minutes
+        )
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+        self.cfg = cfg
+        self.ds_config = resolve_deepspeed_config(cfg, self.world_size)
+        self.stage = int(self.ds_config["zero_optimization"]["stage"])
+        self.engine: Any = None
+        self._hf_ds_config: Any = None
+        if self.device.type == "cpu" and (
+            self.ds_config.get("bf16", {}).get("enabled") or self.ds_config.get("fp16", {}).get("enabled")
+        ):
+            logger.warning("DeepSpeed bf16/fp16 on CPU is untested here; the CPU tests run fp32")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- model -------------------------------------------------------------------------------------------
+
+    def load_model(self, model_cfg: ModelConfig, locate_cfg: LocateConfig) -> tuple[nn.Module, Location]:
+        """ZeRO-3: build and load under zero.Init (partitioned as created) -> freeze -> engine."""
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
+
+        model_dir = check_model_dir(model_cfg.path)
+        # Must stay alive while from_pretrained runs: it is how transformers learns to use zero.Init.
+        self._hf_ds_config = HfDeepSpeedConfig(self.ds_config) if self.stage == 3 else None
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir,
+            dtype=DTYPES[model_cfg.dtype],
+            local_files_only=True,
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
+        model.eval()
+        if self.stage == 3:  # built under zero.Init: every parameter was partitioned as it was created
+            whole = [n for n, p in model.named_parameters() if not hasattr(p, "ds_id") or p.numel() > 0]
+            assert not whole, f"from_pretrained did not partition under zero.Init: {whole[:3]}"
+        location = resolve_location(model, locate_cfg.layers, locate_cfg.modules)
+        return self.wrap_model(model, location.parameter_names), location
+
+    def wrap_model(self, model: nn.Module, trainable_names: list[str] | None = None) -> nn.Module:
+        """Freeze (if names are given), then hand the model and our optimizer to ``deepspeed.initialize``."""
+        import deepspeed
+
+        if trainable_names is not None:
+            freeze_all_but(model, trainable_names)
+        # ZeRO keeps fp32 master partitions of these (and only these) itself, also under bf16.
+        optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], self.cfg.train)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
+        )
+        engine.eval()
+        self.engine = engine
+        # Right after zero.Init nothing is gathered: a ZeRO-3 parameter is its partition (ds_tensor) only.
+        # (Parameters under stage3_param_persistence_threshold stay gathered after their first use.)
+        local = sum(
+            p.numel() + (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0) for p in model.parameters()
+        )
+        logger.info(
+            "ZeRO-%d: rank %d holds %d of %d parameter elements",
+            self.stage,
+            self.rank,
+            local,
+            sum(_full_numel(p) for p in model.parameters()),
+        )
+        log_memory("after building the DeepSpeed engine", self.device)
+        return engine
+
+    def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return [(_strip(n), p) for n, p in model.named_parameters() if p.requires_grad]
+
+    # -- optimizer (owned by the engine) ------------------------------------------------------------------
+
+    def build_optimizer(self, model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+        """The engine's ZeRO optimizer (built in ``wrap_model`` over the localized parameters only)."""
+        assert model is self.engine, "build_optimizer needs the engine returned by load_model/wrap_model"
+        return self.engine.optimizer
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        self.engine.zero_grad()
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, lr: float, max_norm: float | None) -> None:
+        """Set the lr and let the engine step (it clips with ``gradient_clipping`` and zeroes gradients)."""
+        assert (max_norm or 0.0) == self.ds_config["gradient_clipping"], (
+            "gradient_clipping was filled from us"
+        )
+        set_lr(optimizer, lr)
+        self.engine.step()
+
+    def check_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Invariant, measured from the engine: ZeRO's fp32 partitions hold the localized parameters only."""
+        trainable = sum(_full_numel(p) for _, p in self.trainable_parameters(model))
+        local = optimizer_state_numel(optimizer)
+        assert local["moments"] in (0, 2 * local["partition"]), local
+        total = int(self.all_reduce_sum(torch.tensor(local["partition"], dtype=torch.int64)).item())
+        # Partitions are padded to a multiple of the world size: at most world_size - 1 per tensor.
+        num_tensors = len(self.trainable_parameters(model))
+        assert trainable <= total <= trainable + num_tensors * self.world_size, (trainable, total)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # ZeRO averages gradients over ranks; the trainer's loss is already a share of the global mean.
+        self.engine.backward(loss * self.world_size)
+
+    # -- communication -------------------------------------------------------------------------------------
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    def gather_trainable(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """fp32 master copies of the trainable tensors only (a collective: every rank must call it)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for name, param in self.trainable_parameters(model):
+            full = safe_get_full_fp32_param(param)
+            assert full is not None, f"{name} is not managed by the ZeRO optimizer"
+            out[name] = (
+                full.detach().to(device="cpu", dtype=torch.float32).reshape(_full_shape(param)).clone()
+            )
+        return out
+
+    # -- checkpoint state (used by checkpoint.CheckpointManager) ------------------------------------------
+
+    def checkpoint_tensors(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, bool]:
+        """Full trainable weights and Adam state keyed like FSDP's DCP state dicts (collective)."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        inner = _inner_optimizer(optimizer)
+        has_state = bool(inner.state)
+        tensors: dict[str, Any] = {"model": self.gather_trainable(model)}
+        if has_state:
+            step = next(iter(inner.state.values()))["step"]
+            state = {}
+            for name, param in self.trainable_parameters(model):
+                entry = {"step": torch.as_tensor(step, dtype=torch.float32).detach().clone().cpu()}
+                for key in _ADAM_STATE_KEYS:
+                    full = safe_get_full_optimizer_state(param, key)
+                    entry[key] = full.detach().float().cpu().reshape(_full_shape(param)).clone()
+                state[name] = entry
+            tensors["optim"] = {"state": state}
+        return tensors, has_state
+
+    def checkpoint_template(self, model: nn.Module, has_optimizer_state: bool) -> dict:
+        """Zero tensors of the shapes ``checkpoint_tensors`` writes, for DCP to load into."""
+        params = self.trainable_parameters(model)
+        tensors: dict[str, Any] = {"model": {n: torch.zeros(_full_shape(p)) for n, p in params}}
+        if has_optimizer_state:
+            tensors["optim"] = {
+                "state": {
+                    n: {"step": torch.zeros(()), **{k: torch.zeros(_full_shape(p)) for k in _ADAM_STATE_KEYS}}
+                    for n, p in params
+                }
+            }
+        return tensors
+
+    @torch.no_grad()
+    def load_checkpoint_tensors(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict
+    ) -> None:
+        """Put loaded full tensors into the engine: the module's partitions, fp32 masters and Adam state."""
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        inner = _inner_optimizer(optimizer)
+        if "optim" in tensors:
+            steps = {float(s["step"]) for s in tensors["optim"]["state"].values()}
+            assert len(steps) == 1, f"Adam step counts differ across parameters: {steps}"
+            step = steps.pop()
+            for flat in fp32_partitions(optimizer):  # Adam initializes lazily: create the state to overwrite
+                state = inner.state[flat]
+                for key in _ADAM_STATE_KEYS:
+                    state.setdefault(key, torch.zeros_like(flat))
+                state["step"] = torch.tensor(step, dtype=torch.float32)
+        else:
+            inner.state.clear()
+        for name, param in self.trainable_parameters(model):
+            value = tensors["model"][name].to(self.device)
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=self.stage == 3):
+                if self.stage == 3:
+                    if self.rank == 0:
+                        param.data.copy_(value.to(param.dtype))
+                else:
+                    param.data.copy_(value.to(param.dtype))
+            safe_set_full_fp32_param(param, value)
+            if "optim" in tensors:
+                for key in _ADAM_STATE_KEYS:
+                    safe_set_full_optimizer_state(
+                        param, tensors["optim"]["state"][name][key].to(self.device), key
+                    )
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        self.engine = None
+        self._hf_ds_config = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _full_shape(param: nn.Parameter) -> torch.Size:
+    return param.ds_shape if hasattr(param, "ds_shape") else param.shape
+
+
+def _full_numel(param: nn.Parameter) -> int:
+    return param.ds_numel if hasattr(param, "ds_numel") else param.numel()
+
+
+def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer that ZeRO drives over its flat fp32 partitions."""
+    return optimizer.optimizer
+
+
+def fp32_partitions(optimizer: Any) -> list[torch.Tensor]:
+    """This rank's flat fp32 master partitions: what the inner Adam steps and keeps moments for.
+
+    (ZeRO-3 puts them into the inner optimizer's param groups only for the duration of a step.)
+    """
+    if hasattr(optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        return list(optimizer.fp32_partitioned_groups_flat)
+    return list(optimizer.single_partition_of_fp32_groups)  # ZeRO-1/2
+
+
+def optimizer_state_numel(optimizer: Any) -> dict[str, int]:
+    """Elements of this rank's fp32 partitions and of its Adam moments, measured from the ZeRO optimizer."""
+    inner = _inner_optimizer(optimizer)
+    moments = sum(
+        t.numel() for state in inner.state.values() for k, t in state.items() if k in _ADAM_STATE_KEYS
+    )
+    return {"partition": sum(p.numel() for p in fp32_partitions(optimizer)), "moments": moments}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

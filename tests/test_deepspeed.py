@@ -1,0 +1,267 @@
+"""DeepSpeed ZeRO under torchrun, the deepspeed launcher and accelerate: 2 ranks over gloo on CPU.
+
+The same edits as one process and as FSDP2 give the same delta; kill-and-resume is exact; only the
+localized parameters have optimizer state; preemption saves and exits with the distinct code.
+"""
+
+import json
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+
+from locft_dist.checkpoint import EXIT_PREEMPTED
+from locft_dist.config import load_config
+from locft_dist.edits import write_jsonl
+from locft_dist.errors import ConfigError
+from locft_dist.parallel.deepspeed import resolve_deepspeed_config
+from tests.conftest import REPO
+from tests.test_distributed import ENV, delta, kill9, run, start, wait_for_step, workers
+
+NUM_EDITS, BATCH, EPOCHS = 41, 10, 4  # 5 steps an epoch, the last one a single edit (one rank pads)
+ZERO3 = [f"dist.deepspeed_config={REPO / 'deepspeed_configs' / 'zero3.json'}", "dist.strategy=deepspeed"]
+
+
+@pytest.fixture(scope="module")
+def setup(world_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("deepspeed")
+    edits = tmp / "edits.jsonl"
+    write_jsonl(world_model.world.make_edits(NUM_EDITS, seed=2), edits)
+    args = [
+        f"model.path={world_model.model_dir}",
+        f"edits.path={edits}",
+        "locate.layers=[1, 2]",
+        "train.lr=1e-2",
+        f"train.batch_size={BATCH}",
+        f"train.epochs={EPOCHS}",
+        "train.progress=false",
+        "train.early_stop_loss=null",
+        "output.checkpoint_every=1",
+    ]
+    run(1, tmp / "single", args)  # these two evaluate too (the default); the other runs do not
+    zero3 = run(2, tmp / "zero3", [*args, *ZERO3])
+    args.append("eval.enabled=false")
+    run(2, tmp / "fsdp", [*args, "dist.strategy=fsdp"])
+    return {
+        "tmp": tmp,
+        "zero3_log": zero3.stderr,
+        "args": args,
+        "world": world_model,
+        **{name: delta(tmp / name) for name in ("single", "fsdp", "zero3")},
+    }
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_zero3_delta_equals_fsdp_and_single_process(setup):
+    assert set(setup["zero3"]) == {
+        "model.layers.1.mlp.down_proj.weight",
+        "model.layers.2.mlp.down_proj.weight",
+    }
+    for name, tensor in setup["single"].items():
+        assert tensor.abs().max() > 1e-3, "training should move the weights"
+        torch.testing.assert_close(setup["zero3"][name], tensor, atol=1e-5, rtol=0)
+        torch.testing.assert_close(setup["zero3"][name], setup["fsdp"][name], atol=1e-5, rtol=0)
+    print(
+        f"zero3 vs single {max_diff(setup['zero3'], setup['single']):.2e}, "
+        f"vs fsdp {max_diff(setup['zero3'], setup['fsdp']):.2e}"
+    )
+
+
+def test_zero3_evaluation_reports_the_single_process_numbers(setup):
+    single, zero3 = (
+        json.loads((setup["tmp"] / name / "metrics.json").read_text()) for name in ("single", "zero3")
+    )
+    for part in ("unedited", "edited"):
+        for key in ("reliability_tf", "generalization_tf", "locality_tf", "reliability_em", "locality_em"):
+            assert zero3[part][key] == pytest.approx(single[part][key], abs=1e-6), (part, key)
+    assert zero3["edited"]["reliability_tf"] > zero3["unedited"]["reliability_tf"]
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3_offload"])
+def test_zero2_and_offload_deltas_equal_single_process(setup, config):
+    run_dir = setup["tmp"] / config
+    path = REPO / "deepspeed_configs" / f"{config}.json"
+    run(2, run_dir, [*setup["args"], "dist.strategy=deepspeed", f"dist.deepspeed_config={path}"])
+    for name, tensor in setup["single"].items():
+        torch.testing.assert_close(delta(run_dir)[name], tensor, atol=1e-5, rtol=0)
+
+
+def test_zero3_partitions_the_model_across_ranks(setup):
+    """zero.Init via the HF DeepSpeed config: rank 0 holds about half of every parameter."""
+    match = re.search(r"ZeRO-3: rank 0 holds (\d+) of (\d+) parameter elements", setup["zero3_log"])
+    assert match, setup["zero3_log"][-3000:]
+    local, full = map(int, match.groups())
+    sizes = _base_tensor_sizes(setup)
+    assert full == sum(sizes), (full, sum(sizes))
+    assert full // 2 <= local <= full // 2 + len(sizes), (local, full)  # each tensor padded to even
+
+
+def _base_tensor_sizes(setup) -> list[int]:
+    from safetensors import safe_open
+
+    with safe_open(str(setup["world"].model_dir / "model.safetensors"), framework="pt") as f:
+        return [math.prod(f.get_slice(k).get_shape()) for k in f.keys()]  # noqa: SIM118 (safe_open is not iterable)
+
+
+def test_optimizer_state_only_for_the_localized_parameters(setup):
+    """Measured from the engine's ZeRO optimizer on rank 0 after the first step (log.jsonl "memory")."""
+
+    def memory(name: str) -> dict:
+        lines = (setup["tmp"] / name / "log.jsonl").read_text().splitlines()
+        return next(e for e in map(json.loads, lines) if e["event"] == "memory")
+
+    trainable = sum(t.numel() for t in setup["zero3"].values())
+    zero3 = memory("zero3")["optimizer_bytes"]
+    # Adam's two fp32 moments over this rank's half of the localized tensors, plus the step counter(s).
+    assert 2 * 4 * trainable // 2 <= zero3 <= 2 * 4 * trainable // 2 + 64, zero3
+    assert abs(zero3 - memory("fsdp")["optimizer_bytes"]) <= 64
+
+
+def test_sigkill_mid_epoch_then_rerun_is_bitwise_identical(setup):
+    run_dir = setup["tmp"] / "killed"
+    args = [*setup["args"], *ZERO3]
+    kill_at = random.Random(os.getpid()).randint(6, 5 * EPOCHS - 4)
+    proc = start(2, run_dir, args)
+    wait_for_step(run_dir, kill_at, proc)
+    kill9(proc)
+    assert not (run_dir / "delta.safetensors").exists()
+    run(2, run_dir, args)
+    events = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "resume" for e in events), f"no resume: {[e['event'] for e in events]}"
+    for name, tensor in setup["zero3"].items():
+        assert torch.equal(delta(run_dir)[name], tensor), f"{name} differs after kill at step {kill_at}"
+
+
+def test_resume_on_one_process_after_two_ranks(setup):
+    """Checkpoints hold full tensors under FSDP's keys: a 2-rank ZeRO-3 run resumes on one process."""
+    run_dir = setup["tmp"] / "resize"
+    args = [*setup["args"], *ZERO3]
+    proc = start(2, run_dir, args)
+    wait_for_step(run_dir, 7, proc)
+    kill9(proc)
+    run(1, run_dir, args)  # no launcher: the strategy makes a group of one
+    for name, tensor in setup["single"].items():
+        torch.testing.assert_close(delta(run_dir)[name], tensor, atol=1e-5, rtol=0)
+
+
+def test_signal_saves_exits_with_the_preemption_code_and_resumes(setup):
+    run_dir = setup["tmp"] / "preempted"
+    args = [a for a in setup["args"] if not a.startswith("output.checkpoint_every")]
+    args += ["output.checkpoint_every=100", f"train.epochs={EPOCHS * 4}", *ZERO3]
+    proc = start(2, run_dir, args)
+    log = run_dir / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.is_file() and '"event": "step"' in log.read_text()):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    ranks = workers(proc)
+    assert len(ranks) == 2, ranks
+    os.kill(ranks[1], signal.SIGUSR1)  # one rank only: the flag is all-reduced
+    _, stderr = proc.communicate(timeout=300)
+    assert f"exitcode  : {EXIT_PREEMPTED}" in stderr or f"exitcode: {EXIT_PREEMPTED}" in stderr, stderr[
+        -3000:
+    ]
+    assert sorted((run_dir / "checkpoints").glob("step-*")), "a checkpoint must be written on preemption"
+    assert not (run_dir / "delta.safetensors").exists()
+    run(2, run_dir, args)
+    assert (run_dir / "delta.safetensors").is_file()
+
+
+def test_a_checkpoint_from_other_data_is_refused(setup):
+    run_dir = setup["tmp"] / "refused"
+    args = [*setup["args"], *ZERO3]
+    proc = start(2, run_dir, args)
+    wait_for_step(run_dir, 3, proc)
+    kill9(proc)
+    other = setup["tmp"] / "other.jsonl"
+    write_jsonl(setup["world"].world.make_edits(NUM_EDITS, seed=5), other)
+    (run_dir / "config.yaml").unlink()  # same directory, other edits: only the checkpoint can object
+    args = [a if not a.startswith("edits.path") else f"edits.path={other}" for a in args]
+    proc = run(2, run_dir, args, check=False)
+    assert proc.returncode != 0 and "another edit set" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_deepspeed_launcher_runs_the_same_job(setup):
+    run_dir = setup["tmp"] / "ds_launcher"
+    proc = subprocess.run(
+        ["bash", "launch/deepspeed.sh", *setup["args"], f"output.dir={run_dir}"],
+        capture_output=True,
+        text=True,
+        env={**ENV, "NPROC": "2", "MASTER_PORT": str(29500 + os.getpid() % 1000)},
+        cwd=REPO,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dist_world_size=2" in proc.stdout + proc.stderr
+    for name, tensor in setup["zero3"].items():
+        assert torch.equal(delta(run_dir)[name], tensor)
+
+
+@pytest.mark.parametrize("backend", ["deepspeed", "fsdp"])
+def test_accelerate_launch_runs_the_same_job(setup, backend):
+    run_dir = setup["tmp"] / f"accelerate_{backend}"
+    extra = ZERO3 if backend == "deepspeed" else ["dist.strategy=fsdp"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
+    proc = subprocess.run(
+        [
+            *launcher,
+            "--config_file",
+            f"launch/accelerate_{backend}.yaml",
+            "--main_process_port",
+            str(29500 + os.getpid() % 1000 + 1),
+            "launch/edit.py",
+            *setup["args"],
+            *extra,
+            f"output.dir={run_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = setup["zero3"] if backend == "deepspeed" else setup["fsdp"]
+    for name, tensor in expected.items():
+        assert torch.equal(delta(run_dir)[name], tensor)
+
+
+def test_auto_values_are_filled_from_our_config_and_disagreements_refused(tmp_path):
+    cfg = load_config(None, ["train.batch_size=10", "train.max_grad_norm=1.0", "dist.strategy=deepspeed"])
+    cfg.dist.deepspeed_config = str(REPO / "deepspeed_configs" / "zero3_offload.json")
+    ds = resolve_deepspeed_config(cfg, world_size=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 1
+    assert ds["train_batch_size"] == 12 and ds["gradient_clipping"] == 1.0
+    assert ds["bf16"]["enabled"] is False and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert "auto" not in json.dumps(ds)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_batch_size": 32, "zero_optimization": {"stage": 3}}))
+    cfg.dist.deepspeed_config = str(bad)
+    with pytest.raises(ConfigError, match="train_batch_size"):
+        resolve_deepspeed_config(cfg, world_size=4)
+    bad.write_text(json.dumps({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 3}}))
+    with pytest.raises(ConfigError, match="optimizer"):
+        resolve_deepspeed_config(cfg, world_size=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_zero3_on_gpus_matches_fp32_single_process(setup):
+    """bf16 compute with fp32 master weights under ZeRO-3 (NCCL, every visible GPU): near the fp32 delta."""
+    run_dir = setup["tmp"] / "bf16_zero3"
+    run(torch.cuda.device_count(), run_dir, [*setup["args"], *ZERO3, "model.dtype=bfloat16"])
+    for name, tensor in setup["single"].items():
+        torch.testing.assert_close(delta(run_dir)[name], tensor, atol=2e-2, rtol=0)
