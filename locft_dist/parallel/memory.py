@@ -35,7 +35,9 @@ def log_memory(label: str, device: torch.device) -> dict[str, float]:
 
 
 def local_bytes(tensor: torch.Tensor) -> int:
-    """Bytes this rank stores for ``tensor`` (its local shard for a DTensor)."""
+    """Bytes this rank stores for ``tensor`` (its local shard for a DTensor or a ZeRO-3 parameter)."""
+    if hasattr(tensor, "ds_tensor"):  # ZeRO-3 keeps the partition aside and an empty placeholder in place
+        tensor = tensor.ds_tensor
     local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
     return local.numel() * local.element_size()
 
