@@ -32,8 +32,8 @@ from locft_dist.errors import ConfigError
 from locft_dist.locate import Location, freeze_all_but, resolve_location
 from locft_dist.model import DTYPES, check_model_dir
 from locft_dist.optim import build_optimizer, set_lr
-from locft_dist.parallel.fsdp import init_process_group
 from locft_dist.parallel.memory import log_memory
+from locft_dist.parallel.process_group import ProcessGroupCollectives, init_process_group
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _strip(name: str) -> str:
     return name.removeprefix("module.")
 
 
-class DeepSpeedStrategy:
+class DeepSpeedStrategy(ProcessGroupCollectives):
     """ZeRO-2/3 over all ranks of the job; the model handed to the trainer is the DeepSpeed engine."""
 
     def __init__(self, cfg: RunConfig) -> None:
@@ -130,10 +130,6 @@ class DeepSpeedStrategy:
             self.ds_config.get("bf16", {}).get("enabled") or self.ds_config.get("fp16", {}).get("enabled")
         ):
             logger.warning("DeepSpeed bf16/fp16 on CPU is untested here; the CPU tests run fp32")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     # -- model -------------------------------------------------------------------------------------------
 
@@ -223,16 +219,6 @@ class DeepSpeedStrategy:
 
     # -- communication -------------------------------------------------------------------------------------
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.to(self.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
-
-    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.to(self.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return tensor
-
     def gather_trainable(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """fp32 master copies of the trainable tensors only (a collective: every rank must call it)."""
         from deepspeed.utils import safe_get_full_fp32_param
@@ -317,14 +303,10 @@ class DeepSpeedStrategy:
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
-    def barrier(self) -> None:
-        dist.barrier()
-
     def close(self) -> None:
         self.engine = None
         self._hf_ds_config = None
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        super().close()
 
 
 def _full_shape(param: nn.Parameter) -> torch.Size:

@@ -10,11 +10,8 @@ Launch: ``torchrun --nproc_per_node N -m locft_dist.cli edit ...`` (gloo on CPU,
 from __future__ import annotations
 
 import logging
-import os
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -26,29 +23,12 @@ from locft_dist.locate import Location, find_decoder_layers, freeze_all_but, res
 from locft_dist.model import DTYPES, SafetensorsCheckpoint, build_meta_model, rebuild_nonpersistent_buffers
 from locft_dist.parallel.base import TorchOptimizer
 from locft_dist.parallel.memory import log_memory
+from locft_dist.parallel.process_group import ProcessGroupCollectives, init_process_group
 
 logger = logging.getLogger(__name__)
 
 
-def init_process_group(device_spec: str, timeout_minutes: float) -> tuple[int, int, torch.device]:
-    """Join the job started by torchrun/srun/deepspeed (env:// rendezvous): NCCL on GPU, gloo on CPU."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device_spec != "cpu"
-    if use_cuda:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
-            timeout=timedelta(minutes=timeout_minutes),
-            device_id=device if use_cuda else None,
-        )
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-class FSDPStrategy(TorchOptimizer):
+class FSDPStrategy(ProcessGroupCollectives, TorchOptimizer):
     """FSDP2 over all ranks of the job (one data-parallel dimension)."""
 
     def __init__(self, dist_cfg: DistConfig, device_spec: str = "auto") -> None:
@@ -56,10 +36,6 @@ class FSDPStrategy(TorchOptimizer):
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
         param_dtype = DTYPES[dist_cfg.param_dtype] if dist_cfg.param_dtype else None
         self.mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     def load_model(self, model_cfg: ModelConfig, locate_cfg: LocateConfig) -> tuple[nn.Module, Location]:
         """Meta build -> freeze -> shard -> load this rank's slices; trainable parameters stay float32."""
@@ -120,16 +96,6 @@ class FSDPStrategy(TorchOptimizer):
         # FSDP averages gradients over ranks; the trainer's loss is already a share of the global mean.
         (loss * self.world_size).backward()
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.to(self.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
-
-    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.to(self.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return tensor
-
     def gather_trainable(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Full float32 copies of the trainable tensors only (a collective: every rank must call it)."""
         out = {}
@@ -137,10 +103,3 @@ class FSDPStrategy(TorchOptimizer):
             full = param.full_tensor() if isinstance(param, DTensor) else param
             out[name] = full.detach().to(device="cpu", dtype=torch.float32).clone()
         return out
-
-    def barrier(self) -> None:
-        dist.barrier()
-
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()

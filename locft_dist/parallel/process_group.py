@@ -1,0 +1,55 @@
+"""Joining the job's process group and the few collectives the trainer needs, shared by FSDP and DeepSpeed."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def init_process_group(device_spec: str, timeout_minutes: float) -> tuple[int, int, torch.device]:
+    """Join the job started by torchrun/srun/deepspeed (env:// rendezvous): NCCL on GPU, gloo on CPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_spec != "cpu"
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=timedelta(minutes=timeout_minutes),
+            device_id=device if use_cuda else None,
+        )
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+class ProcessGroupCollectives:
+    """Strategy methods that need only the default process group (the owner sets ``rank``, ``device``)."""
+
+    rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
