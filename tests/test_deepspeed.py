@@ -25,9 +25,19 @@ from locft_dist.edits import write_jsonl
 from locft_dist.errors import ConfigError
 from locft_dist.parallel.deepspeed import resolve_deepspeed_config
 from tests.conftest import REPO
-from tests.test_distributed import ENV, delta, kill9, run, start, wait_for_step, workers
+from tests.test_distributed import (
+    ENV,
+    EPOCHS,
+    NUM_EDITS,
+    delta,
+    edit_args,
+    kill9,
+    run,
+    start,
+    wait_for_step,
+    workers,
+)
 
-NUM_EDITS, BATCH, EPOCHS = 41, 10, 4  # 5 steps an epoch, the last one a single edit (one rank pads)
 ZERO3 = [f"dist.deepspeed_config={REPO / 'deepspeed_configs' / 'zero3.json'}", "dist.strategy=deepspeed"]
 
 
@@ -36,17 +46,7 @@ def setup(world_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deepspeed")
     edits = tmp / "edits.jsonl"
     write_jsonl(world_model.world.make_edits(NUM_EDITS, seed=2), edits)
-    args = [
-        f"model.path={world_model.model_dir}",
-        f"edits.path={edits}",
-        "locate.layers=[1, 2]",
-        "train.lr=1e-2",
-        f"train.batch_size={BATCH}",
-        f"train.epochs={EPOCHS}",
-        "train.progress=false",
-        "train.early_stop_loss=null",
-        "output.checkpoint_every=1",
-    ]
+    args = edit_args(world_model.model_dir, edits)
     run(1, tmp / "single", args)  # these two evaluate too (the default); the other runs do not
     zero3 = run(2, tmp / "zero3", [*args, *ZERO3])
     args.append("eval.enabled=false")

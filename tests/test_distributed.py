@@ -21,6 +21,21 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 NUM_EDITS, BATCH, EPOCHS = 41, 10, 4  # 5 steps an epoch, the last one a single edit (one rank pads)
 
 
+def edit_args(model_dir, edits) -> list[str]:
+    """The small two-layer editing job every distributed test runs (checkpoints every step)."""
+    return [
+        f"model.path={model_dir}",
+        f"edits.path={edits}",
+        "locate.layers=[1, 2]",
+        "train.lr=1e-2",
+        f"train.batch_size={BATCH}",
+        f"train.epochs={EPOCHS}",
+        "train.progress=false",
+        "train.early_stop_loss=null",
+        "output.checkpoint_every=1",
+    ]
+
+
 def command(nproc: int, run_dir, args) -> list[str]:
     launcher = [sys.executable, "-m", "locft_dist.cli"]
     if nproc > 1:
@@ -98,17 +113,7 @@ def setup(world_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     edits = tmp / "edits.jsonl"
     write_jsonl(world_model.world.make_edits(NUM_EDITS, seed=2), edits)
-    args = [
-        f"model.path={world_model.model_dir}",
-        f"edits.path={edits}",
-        "locate.layers=[1, 2]",
-        "train.lr=1e-2",
-        f"train.batch_size={BATCH}",
-        f"train.epochs={EPOCHS}",
-        "train.progress=false",
-        "train.early_stop_loss=null",
-        "output.checkpoint_every=1",
-    ]
+    args = edit_args(world_model.model_dir, edits)
     single, double = tmp / "single", tmp / "double"
     run(1, single, args)
     run(2, double, args)
