@@ -30,6 +30,13 @@ CONVERT_EXAMPLES = """examples:
   locft convert --format counterfact --limit 1000 counterfact_full.jsonl cf1k.jsonl
 """
 
+SLURM_EXAMPLES = """examples:
+  locft slurm submit -- --config run.yaml                                  # 1 node, its GPUs
+  locft slurm submit --nodes 8 --gpus-per-node 8 --time 24:00:00 -- --config qwen72b.yaml
+  locft slurm submit --launcher deepspeed --nodes 2 --gpus-per-node 8 -- --config run.yaml
+  locft slurm submit --help          # every option; see docs/slurm.md
+"""
+
 DEMO_EXAMPLES = """examples:
   locft demo --quick                 # < 3 minutes on 2 CPU cores
   locft demo --out demo_out          # the full demo, < 10 minutes
@@ -95,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--format", default="auto", help="auto | zsre | counterfact | wikibigedit | jsonl")
     cv.add_argument("--skip-invalid", action="store_true", help="skip and count invalid records")
     cv.add_argument("--limit", type=int)
+
+    sub.add_parser(
+        "slurm",
+        help="submit a preemption-safe edit job to SLURM (`locft slurm submit ... -- <edit args>`)",
+        description="`locft slurm submit [options] -- <locft edit arguments>`: see `locft slurm submit -h`.",
+        epilog=SLURM_EXAMPLES,
+        formatter_class=fmt,
+    )
     return parser
 
 
@@ -154,7 +169,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    raw = sys.argv[1:] if argv is None else argv
+    if raw[:2] == ["slurm", "submit"]:
+        from locft_dist.slurm_submit import main as submit
+
+        return submit(raw[2:], prog="locft slurm submit")
     args = build_parser().parse_args(argv)
+    if args.command == "slurm":
+        build_parser().parse_args(["slurm", "--help"])
     code = _run_with_exit_code(args)
     if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # gloo can still be releasing a collective's tensors in a background thread after the process group
@@ -172,6 +194,7 @@ def _run_with_exit_code(args: argparse.Namespace) -> int:
         return run(args)
     except LocftError as err:
         print(f"locft {args.command}: error: {err}", file=sys.stderr)
+        _record_fatal(f"locft {args.command}: error: {err}")
         return 2
     except Preempted as stop:
         print(
@@ -179,6 +202,18 @@ def _run_with_exit_code(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return Preempted.exit_code
+
+
+def _record_fatal(message: str) -> None:
+    """Tell a supervising job script that retrying cannot help (bad input or config, exit status 2).
+
+    torchrun reports any failed worker as exit status 1, so the SLURM scripts name a file in
+    ``LOCFT_FATAL_FILE`` and stop requeueing when it appears.
+    """
+    path = os.environ.get("LOCFT_FATAL_FILE")
+    if path:
+        with open(path, "a", encoding="utf-8") as fatal:
+            fatal.write(message + "\n")
 
 
 if __name__ == "__main__":

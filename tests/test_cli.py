@@ -182,6 +182,18 @@ def test_user_errors_exit_2_with_a_message(tmp_path, tiny_model_dir):
     assert proc.returncode == 2 and "not a local Hugging Face model directory" in proc.stderr
 
 
+def test_a_refusal_is_recorded_for_the_slurm_script(tmp_path, monkeypatch):
+    """Exit 2 writes its message to LOCFT_FATAL_FILE, so the sbatch script does not requeue a hopeless run."""
+    fatal = tmp_path / "job.fatal"
+    monkeypatch.setenv("LOCFT_FATAL_FILE", str(fatal))
+    assert main(["edit", f"model.path={tmp_path}/nowhere", f"output.dir={tmp_path}/r"]) == 2
+    assert "nowhere" in fatal.read_text() and "error" in fatal.read_text()
+    monkeypatch.delenv("LOCFT_FATAL_FILE")
+    fatal.unlink()
+    assert main(["edit", f"model.path={tmp_path}/nowhere", f"output.dir={tmp_path}/r"]) == 2
+    assert not fatal.exists()
+
+
 def test_wrong_location_is_a_clear_error(tmp_path, tiny_model_dir):
     good = tmp_path / "good.jsonl"
     good.write_text('{"prompt": "Kesso Varn works as a", "target_new": "glassblower"}\n')

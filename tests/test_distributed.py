@@ -21,18 +21,20 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 NUM_EDITS, BATCH, EPOCHS = 41, 10, 4  # 5 steps an epoch, the last one a single edit (one rank pads)
 
 
-def edit_args(model_dir, edits) -> list[str]:
-    """The small two-layer editing job every distributed test runs (checkpoints every step)."""
+def edit_args(
+    model_dir, edits, batch_size: int = BATCH, epochs: int = EPOCHS, checkpoint_every: int = 1
+) -> list[str]:
+    """The small two-layer editing job every distributed test runs (by default, checkpoints every step)."""
     return [
         f"model.path={model_dir}",
         f"edits.path={edits}",
         "locate.layers=[1, 2]",
         "train.lr=1e-2",
-        f"train.batch_size={BATCH}",
-        f"train.epochs={EPOCHS}",
+        f"train.batch_size={batch_size}",
+        f"train.epochs={epochs}",
         "train.progress=false",
         "train.early_stop_loss=null",
-        "output.checkpoint_every=1",
+        f"output.checkpoint_every={checkpoint_every}",
     ]
 
 
