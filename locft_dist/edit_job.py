@@ -14,7 +14,7 @@ import torch
 
 from locft_dist.config import RunConfig
 from locft_dist.delta import compute_delta, fingerprint_tensors, read_base_tensors, write_delta
-from locft_dist.edits import EditRequest, edits_fingerprint, load_edits
+from locft_dist.edits import EditRequest, augment, edits_fingerprint, load_edits
 from locft_dist.edits.encode import EncodedExample, encode_pair, encode_pairs, pad_token_id
 from locft_dist.errors import ConfigError, EncodingError
 from locft_dist.evaluate import (
@@ -95,7 +95,7 @@ def start_run_dir(cfg: RunConfig) -> Path:
     run_dir = Path(cfg.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.output.overwrite:
-        for name in ("delta.safetensors", "metrics.json", "log.jsonl"):
+        for name in ("delta.safetensors", "metrics.json", "log.jsonl", augment.AUGMENT_FILE):
             (run_dir / name).unlink(missing_ok=True)
         clear_checkpoints(run_dir)
     tmp = run_dir / ".config.yaml.tmp"
@@ -173,6 +173,9 @@ def _run_edit(cfg: RunConfig, strategy: Strategy) -> EditOutcome:
         )
         _reshard(model)
 
+    train_examples, dataset_fingerprint = augmented_examples(
+        cfg, strategy, model, tokenizer, requests, examples, base_fingerprint, run_log
+    )
     logger.info(
         "training: %s, %d edits, batch %d, lr %g, up to %d epochs",
         cfg.train.pipeline,
@@ -186,9 +189,9 @@ def _run_edit(cfg: RunConfig, strategy: Strategy) -> EditOutcome:
             cfg,
             strategy,
             model,
-            examples,
+            train_examples,
             pad_id,
-            dataset_fingerprint=edits_fingerprint(requests),
+            dataset_fingerprint=dataset_fingerprint,
             run_log=run_log,
         )
     else:
@@ -228,6 +231,41 @@ def _run_edit(cfg: RunConfig, strategy: Strategy) -> EditOutcome:
     run_log.close()
     strategy.barrier()
     return EditOutcome(strategy.is_main, run_dir, delta_path, result, metrics, metrics_base)
+
+
+def augmented_examples(
+    cfg: RunConfig,
+    strategy: Strategy,
+    model,
+    tokenizer,
+    requests: list[EditRequest],
+    examples: list[EncodedExample],
+    base_fingerprint: str,
+    run_log: RunLog,
+) -> tuple[list[EncodedExample], str]:
+    """The breadth-first training set: the edits, then any pseudo-paraphrases and locality examples.
+
+    The dataset fingerprint (checked on resume) covers the augmentation, so a checkpoint made with other
+    extra examples is refused.
+    """
+    fingerprint = edits_fingerprint(requests)
+    if not augment.enabled(cfg):
+        return examples, fingerprint
+    if cfg.train.pipeline != "breadth_first":
+        logger.warning("augment.* is ignored by train.pipeline=%s (breadth_first only)", cfg.train.pipeline)
+        return examples, fingerprint
+    extra = augment.build_augmentation(
+        model,
+        tokenizer,
+        requests,
+        cfg,
+        edits_fingerprint=fingerprint,
+        base_fingerprint=base_fingerprint,
+        write=strategy.is_main,
+    )
+    _reshard(model)
+    run_log.event("augment", paraphrases=extra.num_paraphrases, locality=extra.num_locality, key=extra.key)
+    return [*examples, *extra.examples], f"{fingerprint}+{extra.key}"
 
 
 def _reshard(model) -> None:
