@@ -123,6 +123,14 @@ class AugmentConfig:
 
 
 @dataclass(kw_only=True)
+class LoraConfig:
+    rank: int = 0
+    """LoRA rank on the localized modules (through peft; single process); 0 tunes their full weights."""
+    alpha: float = 16.0
+    """LoRA scale numerator: the update is alpha / rank * B @ A. The delta file holds it merged."""
+
+
+@dataclass(kw_only=True)
 class DistConfig:
     strategy: str = "auto"
     """auto | none | fsdp | deepspeed. auto: none for one process."""
@@ -167,6 +175,7 @@ class RunConfig:
     locate: LocateConfig = field(default_factory=LocateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -372,6 +381,8 @@ def validate(config: RunConfig) -> None:
     ):
         if value <= 0:
             raise ConfigError(f"'{key}' must be positive; got {value}")
+    if config.lora.rank < 0 or config.lora.alpha <= 0:
+        raise ConfigError(f"'lora.rank' must be >= 0 and 'lora.alpha' positive; got {config.lora}")
     if aug.locality_source == "file" and not aug.locality_path:
         raise ConfigError("'augment.locality_source' is file but 'augment.locality_path' is not set")
     if not config.locate.layers:

@@ -23,9 +23,11 @@ from locft_dist.evaluate import (
     evaluate_edits,
     save_metrics,
 )
+from locft_dist.lora import attach_lora, merged_weights
 from locft_dist.model import check_model_dir, load_tokenizer
 from locft_dist.parallel import make_strategy
 from locft_dist.parallel.base import Strategy
+from locft_dist.parallel.single import SingleProcess
 from locft_dist.resumable import clear_checkpoints, train_resumable
 from locft_dist.runlog import RunLog, setup_logging
 from locft_dist.trainer import TrainResult, train_depth_first
@@ -139,9 +141,12 @@ def _run_edit(cfg: RunConfig, strategy: Strategy) -> EditOutcome:
     pad_id = pad_token_id(tokenizer)
 
     model, location = strategy.load_model(cfg.model, cfg.locate)
+    if cfg.lora.rank:
+        model = _attach_lora(cfg, strategy, model, location.parameter_names)
     trainable = strategy.trainable_parameters(model)
+    edited_names = list(location.parameter_names) if cfg.lora.rank else [n for n, _ in trainable]
     # The base as stored on disk (not as loaded in model.dtype): what `locft apply` will add the delta to.
-    base_tensors = read_base_tensors(cfg.model.path, [n for n, _ in trainable])
+    base_tensors = read_base_tensors(cfg.model.path, edited_names)
     base_fingerprint = fingerprint_tensors(base_tensors)
     logger.info(
         "tuning %d tensors (%.2fM parameters) at layers %s: %s",
@@ -200,7 +205,7 @@ def _run_edit(cfg: RunConfig, strategy: Strategy) -> EditOutcome:
         "trained in %.1fs: %d steps, %.1f edits/s", result.seconds, result.num_steps, result.edits_per_second
     )
 
-    edited = strategy.gather_trainable(model)
+    edited = merged_weights(model, edited_names) if cfg.lora.rank else strategy.gather_trainable(model)
     delta_path = run_dir / "delta.safetensors"
     if strategy.is_main:
         write_delta(
@@ -266,6 +271,15 @@ def augmented_examples(
     _reshard(model)
     run_log.event("augment", paraphrases=extra.num_paraphrases, locality=extra.num_locality, key=extra.key)
     return [*examples, *extra.examples], f"{fingerprint}+{extra.key}"
+
+
+def _attach_lora(cfg: RunConfig, strategy: Strategy, model, parameter_names):
+    if strategy.world_size != 1 or not isinstance(strategy, SingleProcess):
+        raise ConfigError(
+            f"lora.rank > 0 runs single-process only (dist.strategy=none); got {type(strategy).__name__} "
+            f"with {strategy.world_size} process(es): use lora.rank=0 to tune the full localized weights"
+        )
+    return attach_lora(model, parameter_names, cfg.lora, seed=cfg.train.seed)
 
 
 def _reshard(model) -> None:
