@@ -179,3 +179,33 @@ def test_augmentation_is_cached_in_the_run_dir_and_reused(tmp_path, tiny_model_d
     other = aug.build_augmentation(model, tiny_tokenizer, requests, cfg, write=False, edits_fingerprint="e2",
                                    base_fingerprint="b")  # fmt: skip
     assert other.key != first.key and other.examples != first.examples
+
+
+def test_edit_job_appends_the_augmentation_to_every_epoch(tmp_path, tiny_model_dir):
+    from locft_dist.edit_job import run_edit
+
+    edits = tmp_path / "edits.jsonl"
+    probe = (LocalityProbe("Ulla Pemberton works as a", "cartographer"),)
+    write_jsonl([EditRequest(p, "Ostrava", locality_prompts=probe) for p in PROMPTS], edits)
+    overrides = [
+        f"model.path={tiny_model_dir}",
+        f"edits.path={edits}",
+        f"output.dir={tmp_path / 'run'}",
+        "model.device=cpu",
+        "dist.strategy=none",
+        "eval.enabled=false",
+        "train.progress=false",
+        "train.epochs=2",
+        "train.batch_size=3",
+        "augment.paraphrases=1",
+        "augment.paraphrase_tokens=2",
+        "augment.locality_source=edits",
+        "augment.locality_ratio=0.5",
+    ]
+    run_edit(load_config(None, overrides))
+    events = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    augment_event = next(e for e in events if e["event"] == "augment")
+    assert (augment_event["paraphrases"], augment_event["locality"]) == (4, 2)
+    steps = [e for e in events if e["event"] == "step"]
+    assert sum(e["batch_edits"] for e in steps) == 2 * (4 + 4 + 2)  # every example once per epoch
+    assert (tmp_path / "run" / aug.AUGMENT_FILE).is_file()
