@@ -51,13 +51,15 @@ def augmentation_overrides(locality_path: Path, paraphrases: int = 0) -> list[st
 
 def ablation_rows(settings: DemoSettings, locality_path: Path, paraphrases: int) -> dict[str, list[str]]:
     """Row name -> the overrides that differ from the shared ones."""
-    default = [f"locate.layers=[{DEFAULT_LAYER}]"]
+    default = f"locate.layers=[{DEFAULT_LAYER}]"
+    localized = f"locate.layers={list(settings.layers)}"
+    batch = f"train.batch_size={settings.batch_size}"
     return {
-        "depth-first, batch 1": [*default, "train.pipeline=depth_first"],
-        "breadth-first, batch 1": [*default, "train.batch_size=1"],
-        f"breadth-first, batch {settings.batch_size}": default,
-        f"+ localized layer {list(settings.layers)}": [],
-        "+ augmentation (ours)": augmentation_overrides(locality_path, paraphrases),
+        "depth-first, batch 1": [default, "train.pipeline=depth_first"],
+        "breadth-first, batch 1": [default, "train.batch_size=1"],
+        f"breadth-first, batch {settings.batch_size}": [default, batch],
+        f"+ localized layer {list(settings.layers)}": [localized, batch],
+        "+ augmentation (ours)": [localized, batch, *augmentation_overrides(locality_path, paraphrases)],
     }
 
 
