@@ -209,3 +209,14 @@ def test_edit_job_appends_the_augmentation_to_every_epoch(tmp_path, tiny_model_d
     steps = [e for e in events if e["event"] == "step"]
     assert sum(e["batch_edits"] for e in steps) == 2 * (4 + 4 + 2)  # every example once per epoch
     assert (tmp_path / "run" / aug.AUGMENT_FILE).is_file()
+
+
+def test_demo_neighbour_prompts_are_unedited_and_disjoint_from_the_locality_probes():
+    from locft_dist.demo.world import build_world
+
+    world = build_world(num_subjects=30, seed=0)
+    requests = world.make_edits(10, seed=0)
+    neighbours = world.neighbour_prompts(requests)
+    assert len(neighbours) == 10 * (len(world.relations) - 1)
+    assert not set(neighbours) & {r.prompt for r in requests}
+    assert not set(neighbours) & {p.prompt for r in requests for p in r.locality_prompts}
