@@ -1,11 +1,12 @@
 """``locft locate``: find where to edit by short runs of every layer x module candidate on a sample.
 
-The best location differs by model. Each candidate is trained briefly (``--epochs``) on a seeded sample of
-the edits, starting from the base weights, and scored by its edit score (harmonic mean of reliability,
-generalization on the never-trained rephrase prompts, and locality) on that sample. The base model is
-loaded once and the unedited model's locality predictions are computed once and shared by all candidates;
-each candidate's trained weights are put back to the base afterwards. The winner is written as a preset
-YAML that ``locft edit --config`` accepts (with any other keys of the run's config on top).
+The best location differs by model. Each candidate is trained on a seeded sample of the edits, from the
+base weights, with the run's epochs and as many optimizer steps per epoch as the full run (the batch
+shrinks with the sample, so a candidate costs about the sample's share of a full run), and is scored by
+its edit score (harmonic mean of reliability, generalization on the never-trained rephrase prompts, and
+locality) on that sample. The base model is loaded once and the unedited model's locality predictions are
+computed once and shared by all candidates; each candidate's trained weights are put back to the base
+afterwards. The winner is written as a preset YAML that ``locft edit --config`` accepts.
 
 ``train_candidate`` is the one place a candidate is trained, so a faster trainer (e.g. a frozen-prefix
 cache for late layers) plugs in there.
@@ -78,9 +79,13 @@ def search(
     modules: Sequence[str],
     *,
     num_sample: int,
-    epochs: int,
+    epochs: int | None = None,
 ) -> list[Candidate]:
-    """Every (layer, module) candidate, trained and scored on the sample; best first."""
+    """Every (layer, module) candidate, trained and scored on the sample; best first.
+
+    ``epochs`` defaults to ``train.epochs``; the batch is scaled by the sample's share of the edits, so a
+    candidate takes as many optimizer steps as the full run would, each over fewer edits.
+    """
     check_model_dir(cfg.model.path)
     requests = load_edits(cfg.edits.path, cfg.edits.format, limit=cfg.edits.limit).requests
     sample = sample_edits(requests, num_sample, cfg.train.seed)
@@ -88,7 +93,16 @@ def search(
         raise ConfigError(
             f"{cfg.edits.path}: locft locate scores rephrase and locality prompts; the edits lack them"
         )
-    search_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs, progress=False))
+    # The sample keeps the full run's optimizer steps per epoch: the batch shrinks with the sample.
+    batch_size = max(1, round(cfg.train.batch_size * len(sample) / len(requests)))
+    train_cfg = dataclasses.replace(
+        cfg.train,
+        epochs=epochs or cfg.train.epochs,
+        batch_size=batch_size,
+        micro_batch_size=None,
+        progress=False,
+    )
+    search_cfg = dataclasses.replace(cfg, train=train_cfg)
     strategy = SingleProcess(cfg.model.device)
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     examples = encode_edits(tokenizer, sample, cfg)
