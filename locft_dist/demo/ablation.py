@@ -98,7 +98,8 @@ def run_ablation(demo_dir: Path, *, quick: bool, seed: int, paraphrases: int, on
         "train.progress=false",
         "output.checkpoint_every=1000000",
     ]
-    results: dict[str, dict] = {}
+    summary = out / "ablation.json"  # rows run before (``--only``) are kept
+    results: dict[str, dict] = json.loads(summary.read_text()) if summary.is_file() else {}
     for number, (name, overrides) in enumerate(ablation_rows(settings, locality_path, paraphrases).items()):
         if only and str(number + 1) not in only:
             continue
@@ -110,8 +111,9 @@ def run_ablation(demo_dir: Path, *, quick: bool, seed: int, paraphrases: int, on
         results[name] = json.loads((outcome.run_dir / "metrics.json").read_text())
         results[name]["overrides"] = overrides
         results[name]["wall_seconds"] = round(time.perf_counter() - start, 1)
-    save_metrics(out / "ablation.json", results)
-    return format_table(results)
+    save_metrics(summary, results)
+    order = list(ablation_rows(settings, locality_path, paraphrases))
+    return format_table({name: results[name] for name in order if name in results})
 
 
 def main() -> None:
