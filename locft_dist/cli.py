@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--config", help="YAML config file (model, edits, train settings)")
     lo.add_argument("--layers", type=int, nargs="+", help="candidate layers (default: every layer)")
     lo.add_argument("--modules", nargs="+", default=["mlp.down_proj"], help="candidate modules per layer")
-    lo.add_argument("--sample", type=int, default=100, help="edits in the search sample (default: 100)")
+    lo.add_argument("--sample", type=int, default=50, help="edits in the search sample (default: 50)")
     lo.add_argument("--epochs", type=int, help="epochs per candidate (default: train.epochs)")
     lo.add_argument("--out", default="locate.yaml", help="preset YAML to write (default: locate.yaml)")
     lo.add_argument(

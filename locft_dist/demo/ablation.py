@@ -43,8 +43,9 @@ def augmentation_overrides(locality_path: Path, paraphrases: int = 0) -> list[st
     return [
         "augment.locality_source=file",
         f"augment.locality_path={locality_path}",
-        "augment.locality_ratio=1.0",
-        "augment.locality_loss=ce",
+        "augment.locality_ratio=3",
+        "augment.locality_loss=kl",
+        "augment.locality_weight=10",
         f"augment.paraphrases={paraphrases}",
     ]
 
@@ -98,8 +99,7 @@ def run_ablation(demo_dir: Path, *, quick: bool, seed: int, paraphrases: int, on
         "train.progress=false",
         "output.checkpoint_every=1000000",
     ]
-    summary = out / "ablation.json"  # rows run before (``--only``) are kept
-    results: dict[str, dict] = json.loads(summary.read_text()) if summary.is_file() else {}
+    results: dict[str, dict] = {}
     for number, (name, overrides) in enumerate(ablation_rows(settings, locality_path, paraphrases).items()):
         if only and str(number + 1) not in only:
             continue
@@ -111,6 +111,8 @@ def run_ablation(demo_dir: Path, *, quick: bool, seed: int, paraphrases: int, on
         results[name] = json.loads((outcome.run_dir / "metrics.json").read_text())
         results[name]["overrides"] = overrides
         results[name]["wall_seconds"] = round(time.perf_counter() - start, 1)
+    summary = out / "ablation.json"  # rows run before (``--only``) are kept
+    results = {**(json.loads(summary.read_text()) if summary.is_file() else {}), **results}
     save_metrics(summary, results)
     order = list(ablation_rows(settings, locality_path, paraphrases))
     return format_table({name: results[name] for name in order if name in results})
