@@ -135,6 +135,9 @@ def test_locality_prompt_files(tmp_path):
     bad.write_text('{"prompt": "ok"}\n{"answer": "no prompt"}\n')
     with pytest.raises(EditDataError, match=r"bad\.jsonl: line 2: field 'prompt'"):
         aug.read_locality_prompts(bad)
+    cfg = load_config(None, ["augment.locality_source=file", f"augment.locality_path={tmp_path / 'missing'}"])
+    with pytest.raises(EditDataError, match="missing: cannot read locality prompts"):
+        aug.build_augmentation(None, None, [], cfg, edits_fingerprint="e", base_fingerprint="b", write=False)
     with pytest.raises(ConfigError, match=r"augment\.locality_path"):
         load_config(None, ["augment.locality_source=file"])
     with pytest.raises(ConfigError, match=r"augment\.locality_loss"):

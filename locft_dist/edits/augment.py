@@ -197,7 +197,12 @@ def _key(cfg: RunConfig, edits_fingerprint: str, base_fingerprint: str) -> str:
         "max_length": cfg.edits.max_length,
     }
     if cfg.augment.locality_source == "file":
-        parts["locality_file"] = hashlib.sha256(Path(cfg.augment.locality_path).read_bytes()).hexdigest()
+        try:
+            parts["locality_file"] = hashlib.sha256(Path(cfg.augment.locality_path).read_bytes()).hexdigest()
+        except OSError as err:
+            raise EditDataError(
+                f"{cfg.augment.locality_path}: cannot read locality prompts: {err.strerror}"
+            ) from None
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
