@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from locft_dist.config import load_config
+from locft_dist.delta import read_delta
 from locft_dist.edits import EditRequest, LocalityProbe, write_jsonl
 from locft_dist.edits import augment as aug
 from locft_dist.edits.encode import EncodedExample, collate, pad_token_id, per_example_loss
@@ -212,6 +213,15 @@ def test_edit_job_appends_the_augmentation_to_every_epoch(tmp_path, tiny_model_d
     steps = [e for e in events if e["event"] == "step"]
     assert sum(e["batch_edits"] for e in steps) == 2 * (4 + 4 + 2)  # every example once per epoch
     assert (tmp_path / "run" / aug.AUGMENT_FILE).is_file()
+
+    # Resume from the last checkpoint: the cached augmentation matches the checkpoint's dataset fingerprint.
+    first = read_delta(tmp_path / "run" / "delta.safetensors").tensors
+    (tmp_path / "run" / "delta.safetensors").unlink()
+    run_edit(load_config(None, overrides))
+    events = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "resume" for e in events)
+    again = read_delta(tmp_path / "run" / "delta.safetensors").tensors
+    assert all(torch.equal(first[name], again[name]) for name in first)
 
 
 def test_demo_neighbour_prompts_are_unedited_and_disjoint_from_the_locality_probes():
