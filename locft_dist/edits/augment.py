@@ -229,8 +229,8 @@ def _generate(model, tokenizer, requests: Sequence[EditRequest], cfg: RunConfig)
         cache["prefixes"] = sample_prefixes(
             model, tokenizer, len(requests) * aug.paraphrases, aug.paraphrase_tokens, aug.paraphrase_seed
         )
-    if aug.locality_source != "none" and aug.locality_ratio > 0:
-        num = round(aug.locality_ratio * len(requests))
+    num = round(aug.locality_ratio * len(requests)) if aug.locality_source != "none" else 0
+    if num > 0:
         chosen = choose(_locality_pool(cfg, requests), num, cfg.train.seed)
         unique = list(dict.fromkeys(chosen))
         logger.info("locality supervision: %d examples, %d prompts (%s)", num, len(unique), aug.locality_loss)
