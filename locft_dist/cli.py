@@ -37,6 +37,12 @@ SLURM_EXAMPLES = """examples:
   locft slurm submit --help          # every option; see docs/slurm.md
 """
 
+LOCATE_EXAMPLES = """examples:
+  locft locate model.path=demo/base_model edits.path=demo/edits.jsonl train.lr=5e-3 train.batch_size=50
+  locft locate --config run.yaml --layers 0 1 2 3 --modules mlp.down_proj mlp.up_proj --out locate.yaml
+  locft edit --config locate.yaml model.path=... edits.path=...   # edit where locate chose
+"""
+
 DEMO_EXAMPLES = """examples:
   locft demo --quick                 # < 3 minutes on 2 CPU cores
   locft demo --out demo_out          # the full demo, < 10 minutes
@@ -68,6 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--help-config", action="store_true", help="list every config key and exit")
     edit.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, values parsed as YAML"
+    )
+
+    lo = sub.add_parser(
+        "locate",
+        help="search layer x module candidates by short runs on a sample; write a preset",
+        epilog=LOCATE_EXAMPLES,
+        formatter_class=fmt,
+    )
+    lo.add_argument("--config", help="YAML config file (model, edits, train settings)")
+    lo.add_argument("--layers", type=int, nargs="+", help="candidate layers (default: every layer)")
+    lo.add_argument("--modules", nargs="+", default=["mlp.down_proj"], help="candidate modules per layer")
+    lo.add_argument("--sample", type=int, default=50, help="edits in the search sample (default: 50)")
+    lo.add_argument("--epochs", type=int, help="epochs per candidate (default: train.epochs)")
+    lo.add_argument("--out", default="locate.yaml", help="preset YAML to write (default: locate.yaml)")
+    lo.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted config overrides, values parsed as YAML"
     )
 
     ev = sub.add_parser(
@@ -135,6 +157,17 @@ def run(args: argparse.Namespace) -> int:
             columns = {"unedited": outcome.metrics_base, "edited": outcome.metrics}
             print(format_metrics_table(columns, title=str(outcome.run_dir)))
         print(f"delta: {outcome.delta_path}")
+    elif args.command == "locate":
+        from locft_dist.config import load_config
+        from locft_dist.locate_search import default_layers, format_ranking, search, write_preset
+        from locft_dist.runlog import setup_logging
+
+        setup_logging(True)
+        cfg = load_config(args.config, args.overrides)
+        layers = args.layers if args.layers is not None else default_layers(cfg.model.path)
+        ranked = search(cfg, layers, args.modules, num_sample=args.sample, epochs=args.epochs)
+        print(format_ranking(ranked))
+        print(f"wrote {write_preset(args.out, ranked[0])}")
     elif args.command == "eval":
         from locft_dist.edit_job import read_heldout
         from locft_dist.eval_job import run_eval

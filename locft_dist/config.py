@@ -99,6 +99,38 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class AugmentConfig:
+    paraphrases: int = 0
+    """Pseudo-paraphrases per edit: prefixes the unedited model samples, put before the prompt (0: off)."""
+    paraphrase_tokens: int = 8
+    """Length of each sampled prefix, in tokens."""
+    paraphrase_seed: int = 0
+    """Seed of the prefix sampling (same seed, same model: same prefixes)."""
+    locality_source: str = "none"
+    """none | file (augment.locality_path) | edits (the edit file's locality prompts: then not held out)."""
+    locality_path: str | None = None
+    """Prompts of unedited facts to keep: JSONL with a "prompt" field, or plain text, one per line."""
+    locality_ratio: float = 1.0
+    """Locality examples per edit, drawn by train.seed from the source (repeated when it has too few)."""
+    locality_loss: str = "ce"
+    """ce (cross-entropy on the unedited model's greedy tokens) | kl (KL to its top-k distribution)."""
+    locality_tokens: int = 4
+    """Tokens of the unedited model's continuation kept per locality prompt."""
+    locality_top_k: int = 32
+    """kl: tokens of the unedited distribution stored per position (renormalized over them)."""
+    locality_weight: float = 1.0
+    """Loss weight of a locality example relative to an edit."""
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    rank: int = 0
+    """LoRA rank on the localized modules (through peft; single process); 0 tunes their full weights."""
+    alpha: float = 16.0
+    """LoRA scale numerator: the update is alpha / rank * B @ A. The delta file holds it merged."""
+
+
+@dataclass(kw_only=True)
 class DistConfig:
     strategy: str = "auto"
     """auto | none | fsdp | deepspeed. auto: none for one process."""
@@ -142,6 +174,8 @@ class RunConfig:
     edits: EditsConfig = field(default_factory=EditsConfig)
     locate: LocateConfig = field(default_factory=LocateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -163,6 +197,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("adam", "adamw"),
     "train.lr_schedule": ("constant", "linear", "cosine"),
     "dist.strategy": ("auto", "none", "fsdp", "deepspeed"),
+    "augment.locality_source": ("none", "file", "edits"),
+    "augment.locality_loss": ("ce", "kl"),
     "dist.param_dtype": (None, "float32", "bfloat16", "float16"),
 }
 
@@ -330,6 +366,25 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"'{key}' must be positive or null; got {value}")
     if config.output.checkpoint_every < 0:
         raise ConfigError(f"'output.checkpoint_every' must be >= 0; got {config.output.checkpoint_every}")
+    aug = config.augment
+    for key, value in (
+        ("augment.paraphrases", aug.paraphrases),
+        ("augment.locality_ratio", aug.locality_ratio),
+        ("augment.locality_weight", aug.locality_weight),
+    ):
+        if value < 0:
+            raise ConfigError(f"'{key}' must be >= 0; got {value}")
+    for key, value in (
+        ("augment.paraphrase_tokens", aug.paraphrase_tokens),
+        ("augment.locality_tokens", aug.locality_tokens),
+        ("augment.locality_top_k", aug.locality_top_k),
+    ):
+        if value <= 0:
+            raise ConfigError(f"'{key}' must be positive; got {value}")
+    if config.lora.rank < 0 or config.lora.alpha <= 0:
+        raise ConfigError(f"'lora.rank' must be >= 0 and 'lora.alpha' positive; got {config.lora}")
+    if aug.locality_source == "file" and not aug.locality_path:
+        raise ConfigError("'augment.locality_source' is file but 'augment.locality_path' is not set")
     if not config.locate.layers:
         raise ConfigError("'locate.layers' must name at least one layer")
     if not config.locate.modules:

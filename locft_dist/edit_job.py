@@ -14,7 +14,7 @@ import torch
 
 from locft_dist.config import RunConfig
 from locft_dist.delta import compute_delta, fingerprint_tensors, read_base_tensors, write_delta
-from locft_dist.edits import EditRequest, edits_fingerprint, load_edits
+from locft_dist.edits import EditRequest, augment, edits_fingerprint, load_edits
 from locft_dist.edits.encode import EncodedExample, encode_pair, encode_pairs, pad_token_id
 from locft_dist.errors import ConfigError, EncodingError
 from locft_dist.evaluate import (
@@ -23,9 +23,11 @@ from locft_dist.evaluate import (
     evaluate_edits,
     save_metrics,
 )
+from locft_dist.lora import attach_lora, merged_weights
 from locft_dist.model import check_model_dir, load_tokenizer
 from locft_dist.parallel import make_strategy
 from locft_dist.parallel.base import Strategy
+from locft_dist.parallel.single import SingleProcess
 from locft_dist.resumable import clear_checkpoints, train_resumable
 from locft_dist.runlog import RunLog, setup_logging
 from locft_dist.trainer import TrainResult, train_depth_first
@@ -95,7 +97,7 @@ def start_run_dir(cfg: RunConfig) -> Path:
     run_dir = Path(cfg.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.output.overwrite:
-        for name in ("delta.safetensors", "metrics.json", "log.jsonl"):
+        for name in ("delta.safetensors", "metrics.json", "log.jsonl", augment.AUGMENT_FILE):
             (run_dir / name).unlink(missing_ok=True)
         clear_checkpoints(run_dir)
     tmp = run_dir / ".config.yaml.tmp"
@@ -139,9 +141,12 @@ def _run_edit(cfg: RunConfig, strategy: Strategy) -> EditOutcome:
     pad_id = pad_token_id(tokenizer)
 
     model, location = strategy.load_model(cfg.model, cfg.locate)
+    if cfg.lora.rank:
+        model = _attach_lora(cfg, strategy, model, location.parameter_names)
     trainable = strategy.trainable_parameters(model)
+    edited_names = list(location.parameter_names) if cfg.lora.rank else [n for n, _ in trainable]
     # The base as stored on disk (not as loaded in model.dtype): what `locft apply` will add the delta to.
-    base_tensors = read_base_tensors(cfg.model.path, [n for n, _ in trainable])
+    base_tensors = read_base_tensors(cfg.model.path, edited_names)
     base_fingerprint = fingerprint_tensors(base_tensors)
     logger.info(
         "tuning %d tensors (%.2fM parameters) at layers %s: %s",
@@ -173,6 +178,9 @@ def _run_edit(cfg: RunConfig, strategy: Strategy) -> EditOutcome:
         )
         _reshard(model)
 
+    train_examples, dataset_fingerprint = augmented_examples(
+        cfg, strategy, model, tokenizer, requests, examples, base_fingerprint, run_log
+    )
     logger.info(
         "training: %s, %d edits, batch %d, lr %g, up to %d epochs",
         cfg.train.pipeline,
@@ -186,9 +194,9 @@ def _run_edit(cfg: RunConfig, strategy: Strategy) -> EditOutcome:
             cfg,
             strategy,
             model,
-            examples,
+            train_examples,
             pad_id,
-            dataset_fingerprint=edits_fingerprint(requests),
+            dataset_fingerprint=dataset_fingerprint,
             run_log=run_log,
         )
     else:
@@ -197,7 +205,7 @@ def _run_edit(cfg: RunConfig, strategy: Strategy) -> EditOutcome:
         "trained in %.1fs: %d steps, %.1f edits/s", result.seconds, result.num_steps, result.edits_per_second
     )
 
-    edited = strategy.gather_trainable(model)
+    edited = merged_weights(model, edited_names) if cfg.lora.rank else strategy.gather_trainable(model)
     delta_path = run_dir / "delta.safetensors"
     if strategy.is_main:
         write_delta(
@@ -228,6 +236,50 @@ def _run_edit(cfg: RunConfig, strategy: Strategy) -> EditOutcome:
     run_log.close()
     strategy.barrier()
     return EditOutcome(strategy.is_main, run_dir, delta_path, result, metrics, metrics_base)
+
+
+def augmented_examples(
+    cfg: RunConfig,
+    strategy: Strategy,
+    model,
+    tokenizer,
+    requests: list[EditRequest],
+    examples: list[EncodedExample],
+    base_fingerprint: str,
+    run_log: RunLog,
+) -> tuple[list[EncodedExample], str]:
+    """The breadth-first training set: the edits, then any pseudo-paraphrases and locality examples.
+
+    The dataset fingerprint (checked on resume) covers the augmentation, so a checkpoint made with other
+    extra examples is refused.
+    """
+    fingerprint = edits_fingerprint(requests)
+    if not augment.enabled(cfg):
+        return examples, fingerprint
+    if cfg.train.pipeline != "breadth_first":
+        logger.warning("augment.* is ignored by train.pipeline=%s (breadth_first only)", cfg.train.pipeline)
+        return examples, fingerprint
+    extra = augment.build_augmentation(
+        model,
+        tokenizer,
+        requests,
+        cfg,
+        edits_fingerprint=fingerprint,
+        base_fingerprint=base_fingerprint,
+        write=strategy.is_main,
+    )
+    _reshard(model)
+    run_log.event("augment", paraphrases=extra.num_paraphrases, locality=extra.num_locality, key=extra.key)
+    return [*examples, *extra.examples], f"{fingerprint}+{extra.key}"
+
+
+def _attach_lora(cfg: RunConfig, strategy: Strategy, model, parameter_names):
+    if strategy.world_size != 1 or not isinstance(strategy, SingleProcess):
+        raise ConfigError(
+            f"lora.rank > 0 runs single-process only (dist.strategy=none); got {type(strategy).__name__} "
+            f"with {strategy.world_size} process(es): use lora.rank=0 to tune the full localized weights"
+        )
+    return attach_lora(model, parameter_names, cfg.lora, seed=cfg.train.seed)
 
 
 def _reshard(model) -> None:

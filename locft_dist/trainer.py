@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from locft_dist.config import TrainConfig
-from locft_dist.edits.encode import EncodedExample, collate, per_example_target_loss
+from locft_dist.edits.encode import EncodedExample, collate, per_example_loss
 from locft_dist.optim import build_optimizer, lr_at
 from locft_dist.parallel.base import Strategy
 from locft_dist.runlog import RunLog
@@ -80,7 +80,7 @@ def _rank_chunks(
 
 def _forward_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return per_example_target_loss(logits, batch["labels"])
+    return per_example_loss(logits, batch)  # CE on targets, or KL for locality examples, times weight
 
 
 def _clip(params: list[nn.Parameter], max_norm: float | None) -> None:

@@ -30,6 +30,7 @@ def test_demo_edits_with_both_editors_and_prints_them_side_by_side(tmp_path, cap
         "run_depth_first/delta.safetensors",
         "demo_metrics.json",
         "world.json",
+        "locality_train.jsonl",
     ):
         assert (tmp_path / name).is_file(), name
     assert json.loads((tmp_path / "demo_metrics.json").read_text())["settings"]["num_edits"] == 40

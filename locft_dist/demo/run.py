@@ -89,6 +89,10 @@ def run_demo(
     heldout_path.write_text(
         "\n".join(world.heldout_texts(settings.num_heldout, seed, exclude=requests)) + "\n"
     )
+    # Unedited facts of the edited subjects, for augment.locality_path (disjoint from the locality probes).
+    (out / "locality_train.jsonl").write_text(
+        "".join(json.dumps({"prompt": p}) + "\n" for p in world.neighbour_prompts(requests))
+    )
     common = editor_overrides(settings, demo.model_dir, edits_path, heldout_path)
     runs = {
         "LocFT-BF": [*common, "train.pipeline=breadth_first", f"output.dir={out / 'run'}"],

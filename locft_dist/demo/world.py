@@ -209,6 +209,16 @@ class World:
         wanted = {(r.subject, r.prompt) for r in requests}
         return {f for f in self.facts if (f.subject, self.prompt(f, 0)) in wanted}
 
+    def neighbour_prompts(self, requests: list[EditRequest]) -> list[str]:
+        """Edit prompts (template 0) of the edited subjects' other, unedited facts.
+
+        The nearest facts an edit can disturb, and disjoint from ``make_edits``' locality probes (which
+        ask about subjects no edit touches): training on them leaves the locality metric held out.
+        """
+        edited = self.edited_facts(requests)
+        subjects = {r.subject for r in requests}
+        return [self.prompt(f, 0) for f in self.facts if f.subject in subjects and f not in edited]
+
     def heldout_texts(self, n: int, seed: int, exclude: list[EditRequest] | None = None) -> list[str]:
         """``n`` true sentences (random templates) of facts not in ``exclude``, for a perplexity check.
 
