@@ -96,6 +96,10 @@ class TrainConfig:
     """depth_first: move on to the next edit once its loss is below this."""
     progress: bool = True
     """Show a progress bar (rank 0 only)."""
+    prefix_cache: bool = True
+    """Run the frozen layers below the first trainable one once per edit and cache their output (exact)."""
+    prefix_cache_device_gib: float | None = None
+    """Per-rank device memory for the prefix cache; the rest is kept in pinned host memory. null: no limit."""
 
 
 @dataclass(kw_only=True)
@@ -320,6 +324,9 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"'{key}' must be positive; got {value}")
     if config.train.lr <= 0:
         raise ConfigError(f"'train.lr' must be positive; got {config.train.lr}")
+    cache_gib = config.train.prefix_cache_device_gib
+    if cache_gib is not None and cache_gib < 0:
+        raise ConfigError(f"'train.prefix_cache_device_gib' must be >= 0 or null; got {cache_gib}")
     mbs = config.train.micro_batch_size
     if mbs is not None and mbs <= 0:
         raise ConfigError(f"'train.micro_batch_size' must be positive; got {mbs}")
