@@ -147,6 +147,7 @@ def train_breadth_first(
                 cfg.micro_batch_size,
                 lengths,
                 modulo_owner=cache is not None,
+                max_tokens=cfg.micro_batch_tokens,
             )
             for chunk, weight in chunks:
                 if cache is not None:  # layers below the first trainable one were run once, before training

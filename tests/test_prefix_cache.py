@@ -1,4 +1,4 @@
-"""Frozen-prefix cache: the partial forward equals the full one, and training with it equals training without."""
+"""Frozen-prefix cache: partial forward == full forward; training with the cache == training without."""
 
 import logging
 
