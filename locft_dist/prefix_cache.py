@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from locft_dist.batching import length_sorted_chunks
+from locft_dist.config import TrainConfig
 from locft_dist.edits.encode import EncodedExample, collate, per_example_target_loss
 from locft_dist.locate import find_decoder_layers, layer_of_parameter
 
@@ -98,6 +99,14 @@ class PrefixCache:
         self.device_bytes = 0
         self.host_bytes = 0
         self._keep_one_logit = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "first_layer": self.first_layer,
+            "num_edits": len(self.hidden),
+            "device_mib": self.device_bytes / 2**20,
+            "host_mib": self.host_bytes / 2**20,
+        }
 
     def owner(self, index: int) -> int:
         return index % self.world_size
@@ -223,14 +232,7 @@ class PrefixCache:
 
 
 def build_prefix_cache(
-    model: nn.Module,
-    examples: Sequence[EncodedExample],
-    strategy,
-    *,
-    epochs: int,
-    micro: int,
-    pad_id: int,
-    device_budget_gib: float | None,
+    model: nn.Module, examples: Sequence[EncodedExample], strategy, cfg: TrainConfig, pad_id: int
 ) -> PrefixCache | None:
     """The filled cache, or None (with the reason logged) when it cannot or need not be used."""
     if not getattr(strategy, "supports_prefix_cache", True):
@@ -241,23 +243,25 @@ def build_prefix_cache(
     if first is None or first == 0:
         logger.info("prefix cache off: trainable parameters at layer 0 or outside the decoder layers")
         return None
-    if epochs < 2:
+    if cfg.epochs < 2:
         logger.info("prefix cache off: one epoch computes every prefix once anyway")
         return None
     if len(examples) < strategy.world_size:
         logger.info("prefix cache off: fewer edits than ranks")
         return None
+    budget = cfg.prefix_cache_device_gib
     cache = PrefixCache(
         model,
         first,
         rank=strategy.rank,
         world_size=strategy.world_size,
         device=strategy.device,
-        device_budget_bytes=None if device_budget_gib is None else int(device_budget_gib * 2**30),
+        device_budget_bytes=None if budget is None else int(budget * 2**30),
     )
 
     def check(bad: bool) -> bool:
         flag = torch.tensor(float(bad), device=strategy.device)
         return bool(strategy.all_reduce_max(flag).item() > 0)
 
+    micro = cfg.micro_batch_size or math.ceil(cfg.batch_size / strategy.world_size)
     return cache if cache.fill(model, examples, pad_id, micro, check) else None

@@ -112,17 +112,9 @@ def train_breadth_first(
     total_steps = sampler.steps_per_epoch * cfg.epochs
     step = sampler.epoch * sampler.steps_per_epoch + (sampler.consumed % sampler.num_edits) // cfg.batch_size
     lengths = [len(e.input_ids) for e in examples]
-    cache = None
-    if cfg.prefix_cache:
-        cache = build_prefix_cache(
-            model,
-            examples,
-            strategy,
-            epochs=cfg.epochs,
-            micro=cfg.micro_batch_size or math.ceil(cfg.batch_size / strategy.world_size),
-            pad_id=pad_id,
-            device_budget_gib=cfg.prefix_cache_device_gib,
-        )
+    cache = build_prefix_cache(model, examples, strategy, cfg, pad_id) if cfg.prefix_cache else None
+    if cache is not None:
+        run_log.event("prefix_cache", rank=strategy.rank, **cache.summary())
     result = TrainResult("breadth_first", num_steps=step)
     start = time.perf_counter()
     bar = tqdm(
