@@ -7,7 +7,7 @@ computes them once per edit; every training pass then runs only layers k..L, the
 Partial forwards go through the model's own root forward (``inputs_embeds`` = cached hidden states) with the
 decoder ``ModuleList`` temporarily narrowed to the layers that must run. Rotary embeddings, position ids and
 the causal+padding mask are therefore built by the model exactly as in a full forward, and FSDP2's root
-unit (embeddings, norm, head) is gathered by its usual hooks. A self-check on the first micro-batch compares
+unit (embeddings, norm, head) is gathered by its usual hooks. A self-check on a few edits compares
 the partial path with the full forward; an architecture whose forward does anything else with
 ``inputs_embeds`` (position embeddings added, scaling) fails it and falls back to the full forward.
 
@@ -35,6 +35,9 @@ from locft_dist.edits.encode import EncodedExample, collate, per_example_target_
 from locft_dist.locate import find_decoder_layers, layer_of_parameter
 
 logger = logging.getLogger(__name__)
+
+SELF_CHECK_EDITS = 4
+"""Edits the partial-forward self-check runs through both paths (it costs two forwards of these)."""
 
 
 def first_trainable_layer(model: nn.Module) -> int | None:
@@ -161,7 +164,8 @@ class PrefixCache:
         lengths = [len(e.input_ids) for e in examples]
         chunks = length_sorted_chunks(owned, lengths, micro)
         num_chunks = math.ceil(math.ceil(len(examples) / self.world_size) / micro)
-        if check(not self._self_check(model, [examples[i] for i in chunks[0]], pad_id)):
+        probe = [examples[i] for i in chunks[0][:SELF_CHECK_EDITS]]
+        if check(not self._self_check(model, probe, pad_id)):
             return False
         for position in range(num_chunks):
             chunk = chunks[min(position, len(chunks) - 1)]
@@ -183,7 +187,7 @@ class PrefixCache:
 
     @torch.no_grad()
     def _self_check(self, model: nn.Module, batch: list[EncodedExample], pad_id: int) -> bool:
-        """The partial path reproduces the full forward's logits on one micro-batch (run the full one first,
+        """The partial path reproduces the full forward's logits on a few edits (run the full one first,
         so that FSDP2 initializes with the whole module tree)."""
         inputs = {k: v.to(self.device) for k, v in collate(batch, pad_id).items()}
         full = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
