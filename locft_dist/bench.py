@@ -75,7 +75,7 @@ class BenchConfig:
     lr: float = 1e-3
     seed: int = 0
     naive: bool = True
-    micro_batch_tokens: int | None = None
+    micro_batch_tokens: int | None = TrainConfig().micro_batch_tokens
 
 
 @dataclass

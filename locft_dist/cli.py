@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--epochs", type=int, default=10)
     be.add_argument("--batch-size", type=int, default=50)
     be.add_argument("--lr", type=float, default=1e-3)
-    be.add_argument("--micro-batch-tokens", type=int, help="locft-dist's train.micro_batch_tokens")
+    be.add_argument("--micro-batch-tokens", type=int, help="train.micro_batch_tokens (default 4096)")
     be.add_argument("--seed", type=int, default=0)
     be.add_argument("--no-naive", action="store_true", help="time locft-dist only")
     be.add_argument("--json", dest="json_out", help="also write the numbers here")
@@ -184,8 +184,9 @@ def run(args: argparse.Namespace) -> int:
             lr=args.lr,
             seed=args.seed,
             naive=not args.no_naive,
-            micro_batch_tokens=args.micro_batch_tokens,
         )
+        if args.micro_batch_tokens is not None:
+            bench.micro_batch_tokens = args.micro_batch_tokens
         bench_main(bench, json_out=args.json_out)
     elif args.command == "convert":
         from locft_dist.edits import convert

@@ -70,7 +70,7 @@ class TrainConfig:
     """Global batch: edits per optimizer step, summed over ranks and accumulation."""
     micro_batch_size: int | None = None
     """Edits per forward/backward on one rank; the rest is gradient accumulation. Default: rank's share."""
-    micro_batch_tokens: int | None = None
+    micro_batch_tokens: int | None = 4096
     """Padded tokens (edits x longest) per forward/backward on one rank, cut from the length-sorted share."""
     lr: float = 5e-4
     """Peak learning rate."""
