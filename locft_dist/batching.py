@@ -17,6 +17,11 @@ def length_sorted_chunks(
 ) -> list[list[int]]:
     """``indices`` sorted by (length, index), cut into micro-batches of at most ``micro`` edits and at most
     ``max_tokens`` padded tokens (edits x longest; a single longer edit still gets its own micro-batch)."""
+    if not indices:
+        return []
+    padded = len(indices) * max(lengths[i] for i in indices)
+    if (micro is None or len(indices) <= micro) and (max_tokens is None or padded <= max_tokens):
+        return [list(indices)]  # one micro-batch: keep the batch order (sorting would only reorder the sum)
     chunks: list[list[int]] = []
     for index in sorted(indices, key=lambda i: (lengths[i], i)):
         if chunks:
