@@ -43,6 +43,12 @@ LOCATE_EXAMPLES = """examples:
   locft edit --config locate.yaml model.path=... edits.path=...   # edit where locate chose
 """
 
+BENCH_EXAMPLES = """examples:
+  locft bench                        # tiny 8-layer Llama on CPU, editing the last layer's down_proj
+  locft bench --layer 4              # a middle layer
+  locft bench --device cuda --shape llama3-8b --dtype bfloat16 --layer 22 --num-edits 2000 --batch-size 100
+"""
+
 DEMO_EXAMPLES = """examples:
   locft demo --quick                 # < 3 minutes on 2 CPU cores
   locft demo --out demo_out          # the full demo, < 10 minutes
@@ -132,6 +138,27 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=SLURM_EXAMPLES,
         formatter_class=fmt,
     )
+
+    be = sub.add_parser(
+        "bench",
+        help="time a naive loop against locft-dist on the same edits and model",
+        epilog=BENCH_EXAMPLES,
+        formatter_class=fmt,
+    )
+    be.add_argument("--device", default="cpu", help="cpu (default) | cuda | cuda:N")
+    be.add_argument("--shape", default="tiny", help="tiny | llama3-8b | qwen2.5-72b (random init)")
+    be.add_argument("--num-layers", type=int, help="keep only this many decoder layers of the shape")
+    be.add_argument("--layer", type=int, default=-1, help="decoder layer to edit (default: -1, the last)")
+    be.add_argument("--modules", nargs="+", default=["mlp.down_proj"], help="modules of that layer")
+    be.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    be.add_argument("--num-edits", type=int, default=400)
+    be.add_argument("--epochs", type=int, default=10)
+    be.add_argument("--batch-size", type=int, default=50)
+    be.add_argument("--lr", type=float, default=1e-3)
+    be.add_argument("--micro-batch-tokens", type=int, help="train.micro_batch_tokens (default 4096)")
+    be.add_argument("--seed", type=int, default=0)
+    be.add_argument("--no-naive", action="store_true", help="time locft-dist only")
+    be.add_argument("--json", dest="json_out", help="also write the numbers here")
     return parser
 
 
@@ -188,6 +215,27 @@ def run(args: argparse.Namespace) -> int:
         from locft_dist.delta import apply_delta_to_dir
 
         print(f"wrote {apply_delta_to_dir(args.model, args.delta, args.out)}")
+    elif args.command == "bench":
+        from locft_dist.bench import BenchConfig
+        from locft_dist.bench import main as bench_main
+
+        bench = BenchConfig(
+            device=args.device,
+            shape=args.shape,
+            num_layers=args.num_layers,
+            layer=args.layer,
+            modules=args.modules,
+            dtype=args.dtype,
+            num_edits=args.num_edits,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            naive=not args.no_naive,
+        )
+        if args.micro_batch_tokens is not None:
+            bench.micro_batch_tokens = args.micro_batch_tokens
+        bench_main(bench, json_out=args.json_out)
     elif args.command == "convert":
         from locft_dist.edits import convert
 

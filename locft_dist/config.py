@@ -70,6 +70,8 @@ class TrainConfig:
     """Global batch: edits per optimizer step, summed over ranks and accumulation."""
     micro_batch_size: int | None = None
     """Edits per forward/backward on one rank; the rest is gradient accumulation. Default: rank's share."""
+    micro_batch_tokens: int | None = 4096
+    """Padded tokens (edits x longest) per forward/backward on one rank, cut from the length-sorted share."""
     lr: float = 5e-4
     """Peak learning rate."""
     optimizer: str = "adam"
@@ -96,6 +98,10 @@ class TrainConfig:
     """depth_first: move on to the next edit once its loss is below this."""
     progress: bool = True
     """Show a progress bar (rank 0 only)."""
+    prefix_cache: bool = True
+    """Run the frozen layers below the first trainable one once per edit and cache their output (exact)."""
+    prefix_cache_device_gib: float | None = None
+    """Per-rank device memory for the prefix cache; the rest is kept in pinned host memory. null: no limit."""
 
 
 @dataclass(kw_only=True)
@@ -356,9 +362,13 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"'{key}' must be positive; got {value}")
     if config.train.lr <= 0:
         raise ConfigError(f"'train.lr' must be positive; got {config.train.lr}")
-    mbs = config.train.micro_batch_size
-    if mbs is not None and mbs <= 0:
-        raise ConfigError(f"'train.micro_batch_size' must be positive; got {mbs}")
+    cache_gib = config.train.prefix_cache_device_gib
+    if cache_gib is not None and cache_gib < 0:
+        raise ConfigError(f"'train.prefix_cache_device_gib' must be >= 0 or null; got {cache_gib}")
+    for key in ("micro_batch_size", "micro_batch_tokens"):
+        value = getattr(config.train, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"'train.{key}' must be positive; got {value}")
     if len(config.train.betas) != 2 or not all(0 <= b < 1 for b in config.train.betas):
         raise ConfigError(f"'train.betas' must be two numbers in [0, 1); got {config.train.betas}")
     for key, value in (("edits.limit", config.edits.limit), ("eval.limit", config.eval.limit)):

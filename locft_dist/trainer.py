@@ -21,12 +21,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from locft_dist.batching import rank_chunks
 from locft_dist.config import TrainConfig
 from locft_dist.edits.encode import EncodedExample, collate, per_example_loss
 from locft_dist.optim import build_optimizer, lr_at
 from locft_dist.parallel.base import Strategy
+from locft_dist.prefix_cache import build_prefix_cache
 from locft_dist.runlog import RunLog
-from locft_dist.sampler import BreadthFirstSampler, rank_slice
+from locft_dist.sampler import BreadthFirstSampler
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ class EpochStats:
     num_skipped_steps: int
     num_tokens: int
     seconds: float
+    num_padded_tokens: int = 0
+    """Positions computed, padding included (this rank's; ``num_tokens`` counts real tokens)."""
 
 
 @dataclass
@@ -56,26 +60,6 @@ class TrainResult:
     @property
     def edits_per_second(self) -> float:
         return self.num_edit_passes / self.seconds if self.seconds else 0.0
-
-
-def _chunks(items: Sequence[int], size: int) -> list[Sequence[int]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def _rank_chunks(
-    batch: list[int], rank: int, world_size: int, micro: int
-) -> list[tuple[Sequence[int], float]]:
-    """This rank's micro-batches of a global batch, as (indices, weight).
-
-    Sharded models need every rank to run the same number of forward/backward passes (each one holds
-    collectives), so a rank whose share is shorter, or empty, pads with zero-weight passes over a real edit.
-    """
-    local = rank_slice(batch, rank, world_size)
-    num_chunks = math.ceil(math.ceil(len(batch) / world_size) / micro)
-    chunks: list[tuple[Sequence[int], float]] = [(c, 1.0) for c in _chunks(local, micro)]
-    while len(chunks) < num_chunks:
-        chunks.append(([batch[0]], 0.0))
-    return chunks
 
 
 def _forward_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -127,7 +111,10 @@ def train_breadth_first(
     progress = progress or TrainProgress()
     total_steps = sampler.steps_per_epoch * cfg.epochs
     step = sampler.epoch * sampler.steps_per_epoch + (sampler.consumed % sampler.num_edits) // cfg.batch_size
-    micro = cfg.micro_batch_size or math.ceil(cfg.batch_size / strategy.world_size)
+    lengths = [len(e.input_ids) for e in examples]
+    cache = build_prefix_cache(model, examples, strategy, cfg, pad_id) if cfg.prefix_cache else None
+    if cache is not None:
+        run_log.event("prefix_cache", rank=strategy.rank, **cache.summary())
     result = TrainResult("breadth_first", num_steps=step)
     start = time.perf_counter()
     bar = tqdm(
@@ -145,14 +132,29 @@ def train_breadth_first(
         for batch in sampler.epoch_batches():
             strategy.zero_grad(optimizer)
             batch_loss = torch.zeros((), dtype=torch.float64, device=strategy.device)
-            for chunk, weight in _rank_chunks(batch.indices, strategy.rank, strategy.world_size, micro):
-                inputs = {
-                    k: v.to(strategy.device) for k, v in collate([examples[i] for i in chunk], pad_id).items()
-                }
-                per_edit = _forward_losses(model, inputs) * weight
+            chunks = rank_chunks(
+                batch.indices,
+                strategy.rank,
+                strategy.world_size,
+                cfg.micro_batch_size,
+                lengths,
+                modulo_owner=cache is not None,
+                max_tokens=cfg.micro_batch_tokens,
+            )
+            for chunk, weight in chunks:
+                if cache is not None:  # layers below the first trainable one were run once, before training
+                    per_edit, inputs = cache.losses(model, chunk, examples, pad_id)
+                else:
+                    inputs = {
+                        k: v.to(strategy.device)
+                        for k, v in collate([examples[i] for i in chunk], pad_id).items()
+                    }
+                    per_edit = _forward_losses(model, inputs)
+                per_edit = per_edit * weight
                 strategy.backward(per_edit.sum() / len(batch.indices))
                 batch_loss += per_edit.detach().double().sum()
                 stats.num_tokens += int(inputs["attention_mask"].sum()) * int(weight)
+                stats.num_padded_tokens += inputs["attention_mask"].numel()
             batch_loss_sum = float(strategy.all_reduce_sum(batch_loss).cpu())
             mean_loss = batch_loss_sum / len(batch.indices)
             progress.partial_loss_sum += batch_loss_sum

@@ -111,6 +111,9 @@ def _strip(name: str) -> str:
 class DeepSpeedStrategy(ProcessGroupCollectives):
     """ZeRO-2/3 over all ranks of the job; the model handed to the trainer is the DeepSpeed engine."""
 
+    supports_prefix_cache = False
+    """The partial forward is not verified under ZeRO's module hooks: train.prefix_cache is ignored."""
+
     def __init__(self, cfg: RunConfig) -> None:
         import deepspeed
 

@@ -1,0 +1,348 @@
+"""``locft bench``: the same edits on the same model through a naive loop and through locft-dist, timed.
+
+    locft bench                                   # tiny 8-layer Llama on CPU, last layer's down_proj
+    locft bench --layer 4                         # a middle layer
+    locft bench --device cuda --shape llama3-8b --dtype bfloat16 --layer 22 --num-edits 2000 --batch-size 100
+
+The model is randomly initialized with the named shape (nothing is downloaded) and the edits are random token
+sequences (prompt 8-32 tokens, target 2-6), so only the compute is measured. The naive loop is the LocFT
+authors' computation: every global batch padded to its longest edit, the whole model run forward, per-edit
+mean target cross-entropy, Adam; it visits the batches in the same seeded order as locft-dist, so both end
+with the same weights up to rounding and their final metrics must agree.
+
+The FLOP floor is the time the unavoidable work takes at the device's measured matmul peak: per real token,
+the forward of the layers that must run (the frozen prefix once per edit, layers k..L, norm and head every
+epoch) plus the backward from the loss down to the trainable parameters (input gradients of the layers
+above, weight gradients of the trainable tensors). Attention score FLOPs are counted at the mean length.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from locft_dist.config import TrainConfig
+from locft_dist.edits.encode import EncodedExample, collate, per_example_target_loss
+from locft_dist.errors import ConfigError
+from locft_dist.locate import freeze_all_but, resolve_location
+from locft_dist.model import DTYPES
+from locft_dist.parallel.memory import peak_host_bytes
+from locft_dist.parallel.single import SingleProcess
+from locft_dist.sampler import BreadthFirstSampler
+from locft_dist.trainer import train_breadth_first
+
+SHAPES: dict[str, dict[str, int]] = {
+    "tiny": {"hidden": 256, "intermediate": 1024, "layers": 8, "heads": 8, "kv_heads": 4, "vocab": 512},
+    "llama3-8b": {
+        "hidden": 4096,
+        "intermediate": 14336,
+        "layers": 32,
+        "heads": 32,
+        "kv_heads": 8,
+        "vocab": 128256,
+    },
+    "qwen2.5-72b": {
+        "hidden": 8192,
+        "intermediate": 29568,
+        "layers": 80,
+        "heads": 64,
+        "kv_heads": 8,
+        "vocab": 152064,
+    },
+}
+"""Layer shapes of real models (Llama-3-8B, Qwen2.5-72B's dimensions on a Llama block) and a tiny one."""
+
+
+@dataclass(kw_only=True)
+class BenchConfig:
+    device: str = "cpu"
+    shape: str = "tiny"
+    num_layers: int | None = None
+    layer: int = -1
+    modules: list[str] = field(default_factory=lambda: ["mlp.down_proj"])
+    dtype: str = "float32"
+    num_edits: int = 400
+    epochs: int = 10
+    batch_size: int = 50
+    lr: float = 1e-3
+    seed: int = 0
+    naive: bool = True
+    micro_batch_tokens: int | None = TrainConfig().micro_batch_tokens
+
+
+@dataclass
+class LoopStats:
+    name: str
+    seconds: float
+    epoch_seconds: list[float]
+    num_edit_passes: int
+    num_tokens: int
+    peak_memory_gib: float
+    final_loss: float
+    final_accuracy: float
+
+    @property
+    def edits_per_second(self) -> float:
+        return self.num_edit_passes / self.seconds
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.num_tokens / self.seconds
+
+
+def build_model(bench: BenchConfig) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = SHAPES[bench.shape]
+    config = LlamaConfig(
+        vocab_size=shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["intermediate"],
+        num_hidden_layers=bench.num_layers or shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(bench.seed)
+    device = torch.device(bench.device)
+    with device:
+        model = LlamaForCausalLM(config)
+    return model.to(DTYPES[bench.dtype]).eval()
+
+
+def synthetic_examples(num_edits: int, vocab: int, seed: int) -> list[EncodedExample]:
+    """Random prompts (8-32 tokens after BOS) and targets (2-6 tokens + EOS) over the vocabulary."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(num_edits):
+        prompt = [1] + [rng.randrange(3, vocab) for _ in range(rng.randint(8, 32))]
+        target = [rng.randrange(3, vocab) for _ in range(rng.randint(2, 6))] + [2]
+        out.append(EncodedExample(tuple(prompt + target), len(prompt)))
+    return out
+
+
+def naive_loop(
+    model: nn.Module, examples: Sequence[EncodedExample], train: TrainConfig, device: torch.device
+) -> list[float]:
+    """The authors' computation: whole global batch, whole model forward, every step; epoch seconds."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=train.lr)
+    sampler = BreadthFirstSampler(len(examples), train.batch_size, train.seed)
+    seconds = []
+    for _ in range(train.epochs):
+        start = time.perf_counter()
+        for batch in sampler.epoch_batches():
+            inputs = {k: v.to(device) for k, v in collate([examples[i] for i in batch.indices], 0).items()}
+            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+            loss = per_example_target_loss(logits, inputs["labels"]).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+@torch.no_grad()
+def final_metrics(model: nn.Module, examples: Sequence[EncodedExample], device: torch.device) -> tuple:
+    """Mean target cross-entropy and the fraction of target tokens predicted exactly (teacher forcing)."""
+    losses, correct, total = [], 0, 0
+    for begin in range(0, len(examples), 64):
+        inputs = {k: v.to(device) for k, v in collate(list(examples[begin : begin + 64]), 0).items()}
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        losses.append(per_example_target_loss(logits, inputs["labels"]).double().cpu())
+        labels = inputs["labels"][:, 1:]
+        mask = labels != -100
+        correct += int((logits[:, :-1].argmax(-1)[mask] == labels[mask]).sum())
+        total += int(mask.sum())
+    return float(torch.cat(losses).mean()), correct / total
+
+
+def measured_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Sustained matmul FLOP/s on this device: a square matmul timed after a warm-up, best of 5 rounds."""
+    size = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    repeats = 50 if device.type == "cuda" else 10
+    best = 0.0
+    for _ in range(5):  # the best of a few rounds: other load on the machine only slows a round down
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        _sync(device)
+        best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start))
+    return best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def floor_flops(model: nn.Module, first_layer: int, examples: Sequence[EncodedExample], epochs: int) -> float:
+    """FLOPs of the unavoidable work over the run (see the module docstring)."""
+    layers = model.model.layers
+    cfg = model.config
+    num_tokens = sum(len(e.input_ids) for e in examples)
+    mean_len = num_tokens / len(examples)
+
+    def layer_flops(layer: nn.Module) -> float:  # forward, per token: weights + attention scores
+        return 2 * sum(p.numel() for p in layer.parameters()) + 4 * mean_len * cfg.hidden_size
+
+    head = 2 * model.lm_head.weight.numel()
+    prefix = sum(layer_flops(layer) for layer in layers[:first_layer])
+    suffix = sum(layer_flops(layer) for layer in layers[first_layer:]) + head
+    above = sum(layer_flops(layer) for layer in layers[first_layer + 1 :]) + head
+    trainable = 2 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return num_tokens * (prefix + epochs * (suffix + above + trainable))
+
+
+def _peak_memory(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return peak_host_bytes() / 2**30
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def run_bench(bench: BenchConfig) -> dict:
+    """Both loops on the same initial weights and edits; returns the numbers the table shows."""
+    device = torch.device(bench.device)
+    model = build_model(bench)
+    location = resolve_location(model, [bench.layer], bench.modules)
+    freeze_all_but(model, location.parameter_names)
+    examples = synthetic_examples(bench.num_edits, model.config.vocab_size, bench.seed)
+    num_tokens = sum(len(e.input_ids) for e in examples)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    train = TrainConfig(
+        epochs=bench.epochs,
+        batch_size=bench.batch_size,
+        lr=bench.lr,
+        early_stop_loss=None,
+        progress=False,
+        seed=bench.seed,
+        micro_batch_tokens=bench.micro_batch_tokens,
+    )
+    loops: list[LoopStats] = []
+    if bench.naive:
+        _reset_peak(device)
+        start = time.perf_counter()
+        epoch_seconds = naive_loop(model, examples, train, device)
+        seconds = time.perf_counter() - start
+        loops.append(
+            LoopStats(
+                "naive",
+                seconds,
+                epoch_seconds,
+                bench.num_edits * bench.epochs,
+                num_tokens * bench.epochs,
+                _peak_memory(device),
+                *final_metrics(model, examples, device),
+            )
+        )
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in initial:
+                    param.copy_(initial[name])
+        model.zero_grad(set_to_none=True)
+    _reset_peak(device)
+    start = time.perf_counter()
+    result = train_breadth_first(model, examples, SingleProcess(device), copy.copy(train), pad_id=0)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    later = [e.seconds for e in result.epochs[1:]]
+    loops.append(
+        LoopStats(
+            "locft-dist",
+            seconds,
+            [seconds - sum(later), *later],  # the first epoch includes filling the prefix cache
+            result.num_edit_passes,
+            num_tokens * bench.epochs,
+            _peak_memory(device),
+            *final_metrics(model, examples, device),
+        )
+    )
+    peak = measured_peak_flops(device, DTYPES[bench.dtype])
+    floor_seconds = floor_flops(model, location.first_layer, examples, bench.epochs) / peak
+    return {
+        "config": asdict(bench),
+        "first_layer": location.first_layer,
+        "num_layers": model.config.num_hidden_layers,
+        "num_tokens": num_tokens,
+        "peak_flops": peak,
+        "floor_seconds": floor_seconds,
+        "loops": [{**asdict(s), "edits_per_second": s.edits_per_second} for s in loops],
+        "speedup": loops[0].seconds / loops[-1].seconds if len(loops) == 2 else None,
+    }
+
+
+def format_table(report: dict) -> str:
+    """The comparison as a plain-text table."""
+    cfg = report["config"]
+    head = (
+        f"{cfg['shape']} ({report['num_layers']} layers, {cfg['dtype']}, {cfg['device']}), "
+        f"editing layer {report['first_layer']} {','.join(cfg['modules'])}: {cfg['num_edits']} edits x "
+        f"{cfg['epochs']} epochs, batch {cfg['batch_size']}, {report['num_tokens']} tokens/epoch, "
+        f"locft-dist micro_batch_tokens={cfg['micro_batch_tokens']}"
+    )
+    rows = [("", *[loop["name"] for loop in report["loops"]])]
+
+    def row(label: str, fmt, key) -> None:
+        rows.append((label, *[fmt(key(loop)) for loop in report["loops"]]))
+
+    row("edits/s", "{:.1f}".format, lambda s: s["num_edit_passes"] / s["seconds"])
+    row("tokens/s", "{:.0f}".format, lambda s: s["num_tokens"] / s["seconds"])
+    row("first epoch s", "{:.2f}".format, lambda s: s["epoch_seconds"][0])
+    row(
+        "later epoch s (mean)",
+        "{:.2f}".format,
+        lambda s: sum(s["epoch_seconds"][1:]) / max(1, len(s["epoch_seconds"]) - 1),
+    )
+    row("total s", "{:.2f}".format, lambda s: s["seconds"])
+    row("peak memory GiB", "{:.2f}".format, lambda s: s["peak_memory_gib"])
+    row("final target loss", "{:.4f}".format, lambda s: s["final_loss"])
+    row("final token accuracy", "{:.3f}".format, lambda s: s["final_accuracy"])
+    row("fraction of FLOP floor", "{:.1%}".format, lambda s: report["floor_seconds"] / s["seconds"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [head]
+    for r in rows:
+        cells = [c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]
+        lines.append("  ".join(cells))
+    floor = report["floor_seconds"]
+    lines.append(
+        f"FLOP floor {floor:.3f} s at a measured peak of {report['peak_flops'] / 1e12:.2f} TFLOP/s"
+        + (f"; speedup {report['speedup']:.2f}x" if report["speedup"] else "")
+    )
+    return "\n".join(lines)
+
+
+def main(bench: BenchConfig, json_out: str | None = None) -> dict:
+    if bench.shape not in SHAPES:
+        raise ConfigError(f"--shape {bench.shape!r} is not one of {', '.join(SHAPES)}")
+    torch.set_grad_enabled(True)
+    report = run_bench(bench)
+    print(format_table(report))
+    if json_out:
+        tmp = f"{json_out}.tmp"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2)
+        os.replace(tmp, json_out)
+    return report

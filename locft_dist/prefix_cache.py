@@ -1,0 +1,271 @@
+"""Frozen-prefix activation cache: run the decoder layers below the first trainable one once per edit.
+
+When every trainable parameter sits at layer >= k, the hidden states entering layer k are a pure function of
+the base weights and the edit's tokens: they never change during training. A dedicated pass (no gradients)
+computes them once per edit; every training pass then runs only layers k..L, the final norm and the head.
+
+Partial forwards go through the model's own root forward (``inputs_embeds`` = cached hidden states) with the
+decoder ``ModuleList`` temporarily narrowed to the layers that must run. Rotary embeddings, position ids and
+the causal+padding mask are therefore built by the model exactly as in a full forward, and FSDP2's root
+unit (embeddings, norm, head) is gathered by its usual hooks. A self-check on a few edits compares
+the partial path with the full forward; an architecture whose forward does anything else with
+``inputs_embeds`` (position embeddings added, scaling) fails it and falls back to the full forward.
+
+Ownership is fixed for the whole run: edit ``i`` belongs to rank ``i % world_size``. Each rank caches only
+the edits it owns and, in every global batch, runs exactly those; ranks pad with zero-weight passes so every
+rank runs the same number of passes. The loss of a global batch is a sum of per-edit shares, so gradients are
+those of the uncached path; the sampler's global order is untouched. The cache is rebuilt on every start,
+with a batching that depends only on (edits, rank, world size), so a resumed run is bitwise the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from locft_dist.batching import length_sorted_chunks
+from locft_dist.config import TrainConfig
+from locft_dist.edits.encode import EncodedExample, collate, per_example_loss
+from locft_dist.locate import find_decoder_layers, layer_of_parameter
+
+logger = logging.getLogger(__name__)
+
+SELF_CHECK_EDITS = 4
+"""Edits the partial-forward self-check runs through both paths (it costs two forwards of these)."""
+
+
+def first_trainable_layer(model: nn.Module) -> int | None:
+    """Lowest decoder layer holding a trainable parameter; None when one sits outside the layers."""
+    layout = find_decoder_layers(model)
+    layers = []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            layer = layer_of_parameter(_strip(name), layout)
+            if layer is None:
+                return None
+            layers.append(layer)
+    return min(layers) if layers else None
+
+
+def _strip(name: str) -> str:
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_fsdp_wrapped_module.", "")
+
+
+@contextlib.contextmanager
+def only_layers(model: nn.Module, layers_path: str, start: int, stop: int) -> Iterator[None]:
+    """Within the block, the model's decoder ModuleList holds only layers ``start..stop-1``."""
+    parent_path, _, name = layers_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    full = parent._modules[name]
+    parent._modules[name] = nn.ModuleList(list(full)[start:stop])
+    try:
+        yield
+    finally:
+        parent._modules[name] = full
+
+
+def _reshard(model: nn.Module) -> None:
+    """FSDP2 keeps the root unit gathered after a forward without backward; free it."""
+    reshard = getattr(model, "reshard", None)
+    if callable(reshard):
+        reshard()
+
+
+class PrefixCache:
+    """Hidden states entering layer ``first_layer`` for the edits this rank owns."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        first_layer: int,
+        *,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        device_budget_bytes: int | None = None,
+    ) -> None:
+        layout = find_decoder_layers(model)
+        self.layers_path = layout.layers_path
+        self.num_layers = layout.num_layers
+        self.first_layer = first_layer
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
+        self.device_budget_bytes = device_budget_bytes
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.device_bytes = 0
+        self.host_bytes = 0
+        self._keep_one_logit = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "first_layer": self.first_layer,
+            "num_edits": len(self.hidden),
+            "device_mib": self.device_bytes / 2**20,
+            "host_mib": self.host_bytes / 2**20,
+        }
+
+    def owner(self, index: int) -> int:
+        return index % self.world_size
+
+    def owned(self, num_edits: int) -> list[int]:
+        return list(range(self.rank, num_edits, self.world_size))
+
+    # -- filling ---------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _prefix_hidden(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The input of layer ``first_layer`` (= output of the layer below), from the model's own forward."""
+        captured: list[torch.Tensor] = []
+        below = model.get_submodule(self.layers_path)[self.first_layer - 1]
+        handle = below.register_forward_hook(
+            lambda _m, _a, out: captured.append(out[0] if isinstance(out, tuple) else out)
+        )
+        extra = {"logits_to_keep": 1} if self._keep_one_logit else {}
+        try:
+            with only_layers(model, self.layers_path, 0, self.first_layer):
+                model(
+                    input_ids=inputs["input_ids"],
+                    attention_mask=inputs["attention_mask"],
+                    use_cache=False,
+                    **extra,
+                )
+        finally:
+            handle.remove()
+        return captured[-1].detach()
+
+    def _store(self, index: int, hidden: torch.Tensor) -> None:
+        size = hidden.numel() * hidden.element_size()
+        on_device = self.device_budget_bytes is None or self.device_bytes + size <= self.device_budget_bytes
+        if on_device or self.device.type == "cpu":
+            self.hidden[index] = hidden.clone()
+            self.device_bytes += size
+        else:
+            host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+            host.copy_(hidden)
+            self.hidden[index] = host
+            self.host_bytes += size
+
+    def fill(
+        self, model: nn.Module, examples: Sequence[EncodedExample], pad_id: int, micro: int, check
+    ) -> bool:
+        """Compute the owned edits' hidden states; False (cache unusable) when the self-check fails.
+
+        ``check(bad: bool) -> bool`` agrees on the self-check's verdict across ranks (an all-reduce).
+        Every rank runs the same number of passes (shorter shares repeat their last chunk).
+        """
+        owned = self.owned(len(examples))
+        lengths = [len(e.input_ids) for e in examples]
+        chunks = length_sorted_chunks(owned, lengths, micro)
+        num_chunks = math.ceil(math.ceil(len(examples) / self.world_size) / micro)
+        probe = [examples[i] for i in chunks[0][:SELF_CHECK_EDITS]]
+        if check(not self._self_check(model, probe, pad_id)):
+            return False
+        for position in range(num_chunks):
+            chunk = chunks[min(position, len(chunks) - 1)]
+            inputs = {k: v.to(self.device) for k, v in collate([examples[i] for i in chunk], pad_id).items()}
+            hidden = self._prefix_hidden(model, inputs)
+            if position < len(chunks):
+                for row, index in enumerate(chunk):
+                    self._store(index, hidden[row, : lengths[index]])
+        _reshard(model)
+        logger.info(
+            "prefix cache: %d edits, layers 0..%d run once; %.1f MiB on %s, %.1f MiB on the host",
+            len(self.hidden),
+            self.first_layer - 1,
+            self.device_bytes / 2**20,
+            self.device.type,
+            self.host_bytes / 2**20,
+        )
+        return True
+
+    @torch.no_grad()
+    def _self_check(self, model: nn.Module, batch: list[EncodedExample], pad_id: int) -> bool:
+        """The partial path reproduces the full forward's logits on a few edits (run the full one first,
+        so that FSDP2 initializes with the whole module tree)."""
+        inputs = {k: v.to(self.device) for k, v in collate(batch, pad_id).items()}
+        full = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        partial = self._suffix_logits(model, self._prefix_hidden(model, inputs), inputs)
+        _reshard(model)
+        real = inputs["attention_mask"].bool()
+        diff = (full.float() - partial.float()).abs()[real].max().item()
+        scale = max(1.0, full.float()[real].abs().max().item())
+        tolerance = (1e-4 if full.dtype == torch.float32 else 2e-2) * scale
+        if diff > tolerance:
+            logger.warning(
+                "prefix cache disabled: running only layers %d.. of %s differs from the full forward "
+                "(max |logit diff| %.3g); training runs the full forward every pass",
+                self.first_layer,
+                type(model).__name__,
+                diff,
+            )
+            return False
+        return True
+
+    # -- training passes -------------------------------------------------------------------------------
+
+    def _suffix_logits(
+        self, model: nn.Module, hidden: torch.Tensor, inputs: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        with only_layers(model, self.layers_path, self.first_layer, self.num_layers):
+            out = model(inputs_embeds=hidden, attention_mask=inputs["attention_mask"], use_cache=False)
+        return out.logits
+
+    def _batch_hidden(self, indices: Sequence[int], width: int) -> torch.Tensor:
+        rows = [self.hidden[i] for i in indices]
+        out = torch.zeros(
+            (len(rows), width, rows[0].shape[-1]), dtype=rows[0].dtype, device=self.device
+        )  # padded positions are masked out of attention and loss
+        for row, hidden in enumerate(rows):
+            out[row, : hidden.shape[0]].copy_(hidden, non_blocking=True)
+        return out
+
+    def losses(
+        self, model: nn.Module, indices: Sequence[int], examples: Sequence[EncodedExample], pad_id: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Each owned example's training loss, as the full forward gives it, from layer ``first_layer`` on."""
+        inputs = {k: v.to(self.device) for k, v in collate([examples[i] for i in indices], pad_id).items()}
+        hidden = self._batch_hidden(indices, inputs["input_ids"].shape[1])
+        return per_example_loss(self._suffix_logits(model, hidden, inputs), inputs), inputs
+
+
+def build_prefix_cache(
+    model: nn.Module, examples: Sequence[EncodedExample], strategy, cfg: TrainConfig, pad_id: int
+) -> PrefixCache | None:
+    """The filled cache, or None (with the reason logged) when it cannot or need not be used."""
+    if not getattr(strategy, "supports_prefix_cache", True):
+        name = type(strategy).__name__
+        logger.warning("train.prefix_cache is ignored by %s: every pass runs the full forward", name)
+        return None
+    first = first_trainable_layer(model)
+    if first is None or first == 0:
+        logger.info("prefix cache off: trainable parameters at layer 0 or outside the decoder layers")
+        return None
+    if cfg.epochs < 2:
+        logger.info("prefix cache off: one epoch computes every prefix once anyway")
+        return None
+    if len(examples) < strategy.world_size:
+        logger.info("prefix cache off: fewer edits than ranks")
+        return None
+    budget = cfg.prefix_cache_device_gib
+    cache = PrefixCache(
+        model,
+        first,
+        rank=strategy.rank,
+        world_size=strategy.world_size,
+        device=strategy.device,
+        device_budget_bytes=None if budget is None else int(budget * 2**30),
+    )
+
+    def check(bad: bool) -> bool:
+        flag = torch.tensor(float(bad), device=strategy.device)
+        return bool(strategy.all_reduce_max(flag).item() > 0)
+
+    micro = cfg.micro_batch_size or math.ceil(cfg.batch_size / strategy.world_size)
+    return cache if cache.fill(model, examples, pad_id, micro, check) else None
