@@ -68,7 +68,11 @@ def train_candidate(
     cfg: RunConfig,
     pad_id: int,
 ) -> TrainResult:
-    """Train one candidate location from the current (base) weights; the seam for a faster trainer."""
+    """Train one candidate location from the current (base) weights.
+
+    Runs the breadth-first trainer, so a candidate at layer k gets the frozen-prefix cache
+    (`train.prefix_cache`): layers below k run once per edit, not once per epoch.
+    """
     freeze_all_but(model, location.parameter_names)
     return train_breadth_first(model, examples, strategy, cfg.train, pad_id)
 
