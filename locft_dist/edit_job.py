@@ -16,7 +16,7 @@ from locft_dist.config import RunConfig
 from locft_dist.delta import compute_delta, fingerprint_tensors, read_base_tensors, write_delta
 from locft_dist.edits import EditRequest, edits_fingerprint, load_edits
 from locft_dist.edits.encode import EncodedExample, encode_pair, encode_pairs, pad_token_id
-from locft_dist.errors import ConfigError, EncodingError
+from locft_dist.errors import ConfigError, EncodingError, RunDirBusyError
 from locft_dist.evaluate import (
     EditMetrics,
     compute_reference,
@@ -27,6 +27,7 @@ from locft_dist.model import check_model_dir, load_tokenizer
 from locft_dist.parallel import make_strategy
 from locft_dist.parallel.base import Strategy
 from locft_dist.resumable import clear_checkpoints, train_resumable
+from locft_dist.run_lock import RunDirLock
 from locft_dist.runlog import RunLog, setup_logging
 from locft_dist.trainer import TrainResult, train_depth_first
 
@@ -108,19 +109,37 @@ def run_edit(cfg: RunConfig) -> EditOutcome:
     """Run one editing job as configured and return where its outputs are."""
     strategy = make_strategy(cfg)
     setup_logging(strategy.is_main)
+    lock = RunDirLock(cfg.output.dir)
     try:
-        return _run_edit(cfg, strategy)
+        return _run_edit(cfg, strategy, lock)
     finally:
+        lock.release()
         strategy.close()
 
 
-def _run_edit(cfg: RunConfig, strategy: Strategy) -> EditOutcome:
+def lock_run_dir(strategy: Strategy, lock: RunDirLock) -> None:
+    """The main rank locks ``output.dir``; if another live run holds it, every rank raises together."""
+    error = None
+    if strategy.is_main:
+        try:
+            lock.acquire()
+        except RunDirBusyError as err:
+            error = err
+    busy = strategy.all_reduce_max(torch.tensor([int(error is not None)], device=strategy.device))
+    if error is not None:
+        raise error
+    if busy.item():
+        raise RunDirBusyError(f"{lock.path.parent} is in use by a running job (see the main rank's message)")
+
+
+def _run_edit(cfg: RunConfig, strategy: Strategy, lock: RunDirLock) -> EditOutcome:
     check_model_dir(cfg.model.path)  # fail on bad input before the run directory is touched
     edit_set = load_edits(
         cfg.edits.path, cfg.edits.format, skip_invalid=cfg.edits.skip_invalid, limit=cfg.edits.limit
     )
     requests = edit_set.requests
     run_dir = Path(cfg.output.dir)
+    lock_run_dir(strategy, lock)
     finished = check_run_dir(cfg)
     if finished is not None:
         logger.info("%s already finished with this config: delta at %s", run_dir, finished)
