@@ -306,7 +306,7 @@ def validate(config: RunConfig) -> None:
         section, leaf = key.split(".")
         value = getattr(getattr(config, section), leaf)
         if value not in choices:
-            raise ConfigError(f"'{key}' must be one of {', '.join(choices)}; got {value!r}")
+            raise ConfigError(f"'{key}' must be one of {', '.join(map(str, choices))}; got {value!r}")
     positive = {
         "train.epochs": config.train.epochs,
         "train.batch_size": config.train.batch_size,
