@@ -30,6 +30,11 @@ CONVERT_EXAMPLES = """examples:
   locft convert --format counterfact --limit 1000 counterfact_full.jsonl cf1k.jsonl
 """
 
+REPORT_EXAMPLES = """examples:
+  locft report runs/zsre              # runs/zsre/report/{loss.png,metrics.png,report.md,report.html}
+  locft report runs/zsre --out /tmp/zsre_report
+"""
+
 DEMO_EXAMPLES = """examples:
   locft demo --quick                 # < 3 minutes on 2 CPU cores
   locft demo --out demo_out          # the full demo, < 10 minutes
@@ -95,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--format", default="auto", help="auto | zsre | counterfact | wikibigedit | jsonl")
     cv.add_argument("--skip-invalid", action="store_true", help="skip and count invalid records")
     cv.add_argument("--limit", type=int)
+
+    rp = sub.add_parser(
+        "report",
+        help="plot a run's loss and metrics and write a short summary",
+        epilog=REPORT_EXAMPLES,
+        formatter_class=fmt,
+    )
+    rp.add_argument("run_dir", help="the run's output.dir")
+    rp.add_argument("--out", help="where to write (default: RUN_DIR/report)")
     return parser
 
 
@@ -140,6 +154,11 @@ def run(args: argparse.Namespace) -> int:
         from locft_dist.delta import apply_delta_to_dir
 
         print(f"wrote {apply_delta_to_dir(args.model, args.delta, args.out)}")
+    elif args.command == "report":
+        from locft_dist.report import write_report
+
+        for path in write_report(args.run_dir, args.out):
+            print(f"wrote {path}")
     elif args.command == "convert":
         from locft_dist.edits import convert
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from locft_dist.parallel.base import Strategy
 from locft_dist.resumable import clear_checkpoints, train_resumable
 from locft_dist.run_lock import RunDirLock
 from locft_dist.runlog import RunLog, setup_logging
+from locft_dist.tracking import WandbSink
 from locft_dist.trainer import TrainResult, train_depth_first
 
 logger = logging.getLogger(__name__)
@@ -110,11 +112,10 @@ def run_edit(cfg: RunConfig) -> EditOutcome:
     strategy = make_strategy(cfg)
     setup_logging(strategy.is_main)
     lock = RunDirLock(cfg.output.dir)
-    try:
-        return _run_edit(cfg, strategy, lock)
-    finally:
-        lock.release()
-        strategy.close()
+    with contextlib.ExitStack() as cleanup:  # last in, first out: run log, lock, process group
+        cleanup.callback(strategy.close)
+        cleanup.callback(lock.release)
+        return _run_edit(cfg, strategy, lock, cleanup)
 
 
 def lock_run_dir(strategy: Strategy, lock: RunDirLock) -> None:
@@ -132,7 +133,9 @@ def lock_run_dir(strategy: Strategy, lock: RunDirLock) -> None:
         raise RunDirBusyError(f"{lock.path.parent} is in use by a running job (see the main rank's message)")
 
 
-def _run_edit(cfg: RunConfig, strategy: Strategy, lock: RunDirLock) -> EditOutcome:
+def _run_edit(
+    cfg: RunConfig, strategy: Strategy, lock: RunDirLock, cleanup: contextlib.ExitStack
+) -> EditOutcome:
     check_model_dir(cfg.model.path)  # fail on bad input before the run directory is touched
     edit_set = load_edits(
         cfg.edits.path, cfg.edits.format, skip_invalid=cfg.edits.skip_invalid, limit=cfg.edits.limit
@@ -172,6 +175,9 @@ def _run_edit(cfg: RunConfig, strategy: Strategy, lock: RunDirLock) -> EditOutco
     if strategy.is_main:
         start_run_dir(cfg)
     run_log = RunLog(run_dir / "log.jsonl", enabled=strategy.is_main)
+    cleanup.callback(run_log.close)
+    if strategy.is_main:
+        run_log.add_sink(WandbSink.start(cfg, run_dir))
     run_log.event(
         "setup",
         num_edits=len(requests),

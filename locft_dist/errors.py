@@ -38,3 +38,7 @@ class RunDirBusyError(LocftError):
 
 class StorageError(LocftError):
     """An output could not be written (disk full, file too large, read-only); earlier outputs are kept."""
+
+
+class RunDirError(LocftError):
+    """A run directory without the outputs a command needs (e.g. ``locft report`` on an empty directory)."""
