@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from locft_dist.config import RunConfig
 from locft_dist.delta import compute_delta, fingerprint_tensors, read_base_tensors, write_delta
@@ -85,12 +86,21 @@ def check_run_dir(cfg: RunConfig) -> Path | None:
     saved = run_dir / "config.yaml"
     if cfg.output.overwrite or not saved.is_file():
         return None
-    if saved.read_text(encoding="utf-8") != cfg.to_yaml():
+    try:
+        previous = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        previous = None
+    if _results_config(previous) != _results_config(cfg.to_dict()):
         raise ConfigError(
             f"{run_dir} holds a run with a different config; use a new output.dir or output.overwrite=true"
         )
     delta = run_dir / "delta.safetensors"
     return delta if delta.is_file() else None
+
+
+def _results_config(tree: Any) -> Any:
+    """The config minus the ``logging`` section: where a run is tracked does not change its results."""
+    return {k: v for k, v in tree.items() if k != "logging"} if isinstance(tree, dict) else tree
 
 
 def start_run_dir(cfg: RunConfig) -> Path:
