@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -41,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from locft_dist.errors import StorageError
 from locft_dist.sampler import SamplerState
 
 logger = logging.getLogger(__name__)
@@ -279,6 +281,24 @@ class CheckpointManager:
                 groups = [
                     {k: _jsonable(v) for k, v in g.items() if k != "params"} for g in optim_sd["param_groups"]
                 ]
+        try:
+            self._write(tmp, final, step, tensors, state, has_optimizer_state, groups)
+        except (OSError, RuntimeError, CheckpointException) as err:
+            raise self._write_failed(tmp, step, err) from None
+        self.barrier()
+        return final
+
+    def _write(
+        self,
+        tmp: Path,
+        final: Path,
+        step: int,
+        tensors: dict,
+        state: TrainState,
+        has_optimizer_state: bool,
+        groups: list[dict],
+    ) -> None:
+        """DCP shards, then the train state, then (rank 0) the manifest and the rename."""
         self._dcp(dcp.save, tensors, tmp)
         if self.rank == 0:
             state = dataclasses.replace(state, step=step, world_size=self.world_size, rng=capture_rng())
@@ -305,8 +325,24 @@ class CheckpointManager:
             os.close(fd)
             self._prune(final)
             logger.info("saved checkpoint %s", final)
-        self.barrier()
-        return final
+
+    def _write_failed(self, tmp: Path, step: int, err: BaseException) -> StorageError:
+        """Drop the partial ``.tmp`` directory (freeing its space); older checkpoints stay untouched."""
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, CheckpointException):
+            causes = [f[0] if isinstance(f, tuple) else f for f in err.failures.values()]
+            err = causes[0] if causes else err
+        kept = next((str(p) for _, p in self.step_dirs() if verify(p) is None), None)
+        try:
+            free = f"{shutil.disk_usage(self.dir).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        return StorageError(
+            f"could not write checkpoint step-{step} under {self.dir} ({free}; disk full or file size "
+            f"limit?): {err}. "
+            + (f"The previous checkpoint {kept} is intact; " if kept else "No earlier checkpoint exists; ")
+            + "free space and rerun the same command to resume."
+        )
 
     def _remove_tmp_dirs(self) -> None:
         for path in self.dir.glob(".step-*.tmp"):

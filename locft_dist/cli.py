@@ -49,6 +49,11 @@ BENCH_EXAMPLES = """examples:
   locft bench --device cuda --shape llama3-8b --dtype bfloat16 --layer 22 --num-edits 2000 --batch-size 100
 """
 
+REPORT_EXAMPLES = """examples:
+  locft report runs/zsre              # runs/zsre/report/{loss.png,metrics.png,report.md,report.html}
+  locft report runs/zsre --out /tmp/zsre_report
+"""
+
 DEMO_EXAMPLES = """examples:
   locft demo --quick                 # < 3 minutes on 2 CPU cores
   locft demo --out demo_out          # the full demo, < 10 minutes
@@ -159,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--seed", type=int, default=0)
     be.add_argument("--no-naive", action="store_true", help="time locft-dist only")
     be.add_argument("--json", dest="json_out", help="also write the numbers here")
+
+    rp = sub.add_parser(
+        "report",
+        help="plot a run's loss and metrics and write a short summary",
+        epilog=REPORT_EXAMPLES,
+        formatter_class=fmt,
+    )
+    rp.add_argument("run_dir", help="the run's output.dir")
+    rp.add_argument("--out", help="where to write (default: RUN_DIR/report)")
     return parser
 
 
@@ -236,6 +250,11 @@ def run(args: argparse.Namespace) -> int:
         if args.micro_batch_tokens is not None:
             bench.micro_batch_tokens = args.micro_batch_tokens
         bench_main(bench, json_out=args.json_out)
+    elif args.command == "report":
+        from locft_dist.report import write_report
+
+        for path in write_report(args.run_dir, args.out):
+            print(f"wrote {path}")
     elif args.command == "convert":
         from locft_dist.edits import convert
 

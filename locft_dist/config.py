@@ -175,6 +175,22 @@ class OutputConfig:
 
 
 @dataclass(kw_only=True)
+class LoggingConfig:
+    wandb_project: str | None = None
+    """Weights & Biases project; null: no wandb (log.jsonl is always written). Needs the wandb extra."""
+    wandb_entity: str | None = None
+    """wandb team or user; null: your default entity."""
+    wandb_run_name: str | None = None
+    """Display name of the wandb run; null: the run directory's name."""
+    wandb_run_id: str | None = None
+    """Fixed wandb run id, so a requeued job continues the same wandb run; null: a new id."""
+    wandb_mode: str = "auto"
+    """auto (online with an API key, else offline; WANDB_MODE wins) | online | offline | disabled."""
+    wandb_log_delta: bool = True
+    """Upload delta.safetensors as a wandb artifact at the end of the run."""
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     edits: EditsConfig = field(default_factory=EditsConfig)
@@ -185,6 +201,7 @@ class RunConfig:
     dist: DistConfig = field(default_factory=DistConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -206,6 +223,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "augment.locality_source": ("none", "file", "edits"),
     "augment.locality_loss": ("ce", "kl"),
     "dist.param_dtype": (None, "float32", "bfloat16", "float16"),
+    "logging.wandb_mode": ("auto", "online", "offline", "disabled"),
 }
 
 
@@ -348,7 +366,7 @@ def validate(config: RunConfig) -> None:
         section, leaf = key.split(".")
         value = getattr(getattr(config, section), leaf)
         if value not in choices:
-            raise ConfigError(f"'{key}' must be one of {', '.join(choices)}; got {value!r}")
+            raise ConfigError(f"'{key}' must be one of {', '.join(map(str, choices))}; got {value!r}")
     positive = {
         "train.epochs": config.train.epochs,
         "train.batch_size": config.train.batch_size,

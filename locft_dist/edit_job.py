@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -11,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from locft_dist.config import RunConfig
 from locft_dist.delta import compute_delta, fingerprint_tensors, read_base_tensors, write_delta
 from locft_dist.edits import EditRequest, augment, edits_fingerprint, load_edits
 from locft_dist.edits.encode import EncodedExample, encode_pair, encode_pairs, pad_token_id
-from locft_dist.errors import ConfigError, EncodingError
+from locft_dist.errors import ConfigError, EncodingError, RunDirBusyError
 from locft_dist.evaluate import (
     EditMetrics,
     compute_reference,
@@ -29,7 +31,9 @@ from locft_dist.parallel import make_strategy
 from locft_dist.parallel.base import Strategy
 from locft_dist.parallel.single import SingleProcess
 from locft_dist.resumable import clear_checkpoints, train_resumable
+from locft_dist.run_lock import RunDirLock
 from locft_dist.runlog import RunLog, setup_logging
+from locft_dist.tracking import WandbSink
 from locft_dist.trainer import TrainResult, train_depth_first
 
 logger = logging.getLogger(__name__)
@@ -84,12 +88,21 @@ def check_run_dir(cfg: RunConfig) -> Path | None:
     saved = run_dir / "config.yaml"
     if cfg.output.overwrite or not saved.is_file():
         return None
-    if saved.read_text(encoding="utf-8") != cfg.to_yaml():
+    try:
+        previous = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        previous = None
+    if _results_config(previous) != _results_config(cfg.to_dict()):
         raise ConfigError(
             f"{run_dir} holds a run with a different config; use a new output.dir or output.overwrite=true"
         )
     delta = run_dir / "delta.safetensors"
     return delta if delta.is_file() else None
+
+
+def _results_config(tree: Any) -> Any:
+    """The config minus the ``logging`` section: where a run is tracked does not change its results."""
+    return {k: v for k, v in tree.items() if k != "logging"} if isinstance(tree, dict) else tree
 
 
 def start_run_dir(cfg: RunConfig) -> Path:
@@ -110,19 +123,38 @@ def run_edit(cfg: RunConfig) -> EditOutcome:
     """Run one editing job as configured and return where its outputs are."""
     strategy = make_strategy(cfg)
     setup_logging(strategy.is_main)
-    try:
-        return _run_edit(cfg, strategy)
-    finally:
-        strategy.close()
+    lock = RunDirLock(cfg.output.dir)
+    with contextlib.ExitStack() as cleanup:  # last in, first out: run log, lock, process group
+        cleanup.callback(strategy.close)
+        cleanup.callback(lock.release)
+        return _run_edit(cfg, strategy, lock, cleanup)
 
 
-def _run_edit(cfg: RunConfig, strategy: Strategy) -> EditOutcome:
+def lock_run_dir(strategy: Strategy, lock: RunDirLock) -> None:
+    """The main rank locks ``output.dir``; if another live run holds it, every rank raises together."""
+    error = None
+    if strategy.is_main:
+        try:
+            lock.acquire()
+        except RunDirBusyError as err:
+            error = err
+    busy = strategy.all_reduce_max(torch.tensor([int(error is not None)], device=strategy.device))
+    if error is not None:
+        raise error
+    if busy.item():
+        raise RunDirBusyError(f"{lock.path.parent} is in use by a running job (see the main rank's message)")
+
+
+def _run_edit(
+    cfg: RunConfig, strategy: Strategy, lock: RunDirLock, cleanup: contextlib.ExitStack
+) -> EditOutcome:
     check_model_dir(cfg.model.path)  # fail on bad input before the run directory is touched
     edit_set = load_edits(
         cfg.edits.path, cfg.edits.format, skip_invalid=cfg.edits.skip_invalid, limit=cfg.edits.limit
     )
     requests = edit_set.requests
     run_dir = Path(cfg.output.dir)
+    lock_run_dir(strategy, lock)
     finished = check_run_dir(cfg)
     if finished is not None:
         logger.info("%s already finished with this config: delta at %s", run_dir, finished)
@@ -158,6 +190,9 @@ def _run_edit(cfg: RunConfig, strategy: Strategy) -> EditOutcome:
     if strategy.is_main:
         start_run_dir(cfg)
     run_log = RunLog(run_dir / "log.jsonl", enabled=strategy.is_main)
+    cleanup.callback(run_log.close)
+    if strategy.is_main:
+        run_log.add_sink(WandbSink.start(cfg, run_dir))
     run_log.event(
         "setup",
         num_edits=len(requests),

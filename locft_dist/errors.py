@@ -30,3 +30,15 @@ class LocateError(LocftError):
 
 class DeltaError(LocftError):
     """A delta file that is malformed or does not belong to the given base model."""
+
+
+class RunDirBusyError(LocftError):
+    """The output directory is locked by another live run."""
+
+
+class StorageError(LocftError):
+    """An output could not be written (disk full, file too large, read-only); earlier outputs are kept."""
+
+
+class RunDirError(LocftError):
+    """A run directory without the outputs a command needs (e.g. ``locft report`` on an empty directory)."""

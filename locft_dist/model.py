@@ -18,10 +18,14 @@ from locft_dist.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
-def check_model_dir(path: str | Path) -> Path:
-    """A local directory with a config.json; anything else is a clear error (nothing is downloaded)."""
+def check_model_dir(path: str | Path, *, weights: bool = True) -> Path:
+    """A local directory with a config.json (and safetensors weights); else a clear error, nothing downloaded.
+
+    Only safetensors weights are read: pickled ``.bin``/``.pt`` checkpoints can run code when loaded.
+    """
     if not path:
         raise ConfigError("'model.path' is not set: give a local Hugging Face model directory")
     model_dir = Path(path)
@@ -29,11 +33,16 @@ def check_model_dir(path: str | Path) -> Path:
         raise ConfigError(
             f"model.path {str(path)!r} is not a local Hugging Face model directory (no config.json)"
         )
+    if weights and not any((model_dir / n).is_file() for n in ("model.safetensors", SAFETENSORS_INDEX)):
+        raise ConfigError(
+            f"model.path {str(path)!r} has no model.safetensors(.index.json): only safetensors weights are "
+            "loaded (pickled .bin files can run code); re-save the model once with save_pretrained()"
+        )
     return model_dir
 
 
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    model_dir = check_model_dir(path)
+    model_dir = check_model_dir(path, weights=False)
     return AutoTokenizer.from_pretrained(
         model_dir, local_files_only=True, trust_remote_code=trust_remote_code
     )
@@ -44,7 +53,11 @@ def load_model(path: str | Path, *, dtype: str = "float32", trust_remote_code: b
     model_dir = check_model_dir(path)
     transformers.utils.logging.disable_progress_bar()  # one bar per shard is noise in our logs
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=DTYPES[dtype], local_files_only=True, trust_remote_code=trust_remote_code
+        model_dir,
+        dtype=DTYPES[dtype],
+        local_files_only=True,
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
     )
     model.eval()
     logger.info(

@@ -131,7 +131,7 @@ def train_breadth_first(
         stats = EpochStats(epoch, 0.0, 0, 0, 0, 0.0)
         for batch in sampler.epoch_batches():
             strategy.zero_grad(optimizer)
-            batch_loss = torch.zeros((), dtype=torch.float64, device=strategy.device)
+            batch_sums = torch.zeros(2, dtype=torch.float64, device=strategy.device)  # [loss, tokens]
             chunks = rank_chunks(
                 batch.indices,
                 strategy.rank,
@@ -152,10 +152,11 @@ def train_breadth_first(
                     per_edit = _forward_losses(model, inputs)
                 per_edit = per_edit * weight
                 strategy.backward(per_edit.sum() / len(batch.indices))
-                batch_loss += per_edit.detach().double().sum()
+                batch_sums[0] += per_edit.detach().double().sum()
+                batch_sums[1] += float(inputs["attention_mask"].sum()) * weight
                 stats.num_tokens += int(inputs["attention_mask"].sum()) * int(weight)
                 stats.num_padded_tokens += inputs["attention_mask"].numel()
-            batch_loss_sum = float(strategy.all_reduce_sum(batch_loss).cpu())
+            batch_loss_sum, batch_tokens = strategy.all_reduce_sum(batch_sums).cpu().tolist()
             mean_loss = batch_loss_sum / len(batch.indices)
             progress.partial_loss_sum += batch_loss_sum
             skipped = cfg.skip_loss_below is not None and mean_loss < cfg.skip_loss_below
@@ -180,8 +181,10 @@ def train_breadth_first(
                 lr=lr,
                 skipped=skipped,
                 batch_edits=len(batch.indices),
+                tokens=int(batch_tokens),
             )
-            bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.4f}")
+            edits_per_second = result.num_edit_passes / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.4f}", edits_s=f"{edits_per_second:.1f}")
             bar.update(1)
             if on_step_end is not None:
                 on_step_end(step, sampler, progress)

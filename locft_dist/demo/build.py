@@ -102,7 +102,7 @@ class DemoWorld:
         """(model, tokenizer) from ``model_dir``, model in eval mode."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(self.model_dir)
+        model = AutoModelForCausalLM.from_pretrained(self.model_dir, use_safetensors=True)
         return model.eval(), AutoTokenizer.from_pretrained(self.model_dir)
 
 

@@ -148,6 +148,7 @@ class DeepSpeedStrategy(ProcessGroupCollectives):
             model_dir,
             dtype=DTYPES[model_cfg.dtype],
             local_files_only=True,
+            use_safetensors=True,
             trust_remote_code=model_cfg.trust_remote_code,
         )
         model.eval()
