@@ -76,6 +76,7 @@ class BenchConfig:
     seed: int = 0
     naive: bool = True
     micro_batch_tokens: int | None = TrainConfig().micro_batch_tokens
+    micro_batch_pass_cost: int | None = None
 
 
 @dataclass
@@ -240,6 +241,7 @@ def run_bench(bench: BenchConfig) -> dict:
         progress=False,
         seed=bench.seed,
         micro_batch_tokens=bench.micro_batch_tokens,
+        micro_batch_pass_cost=bench.micro_batch_pass_cost,
     )
     loops: list[LoopStats] = []
     if bench.naive:

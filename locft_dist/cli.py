@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--batch-size", type=int, default=50)
     be.add_argument("--lr", type=float, default=1e-3)
     be.add_argument("--micro-batch-tokens", type=int, help="train.micro_batch_tokens (default 4096)")
+    be.add_argument(
+        "--micro-batch-pass-cost", type=int, help="train.micro_batch_pass_cost (default: by device)"
+    )
     be.add_argument("--seed", type=int, default=0)
     be.add_argument("--no-naive", action="store_true", help="time locft-dist only")
     be.add_argument("--json", dest="json_out", help="also write the numbers here")
@@ -249,6 +252,7 @@ def run(args: argparse.Namespace) -> int:
         )
         if args.micro_batch_tokens is not None:
             bench.micro_batch_tokens = args.micro_batch_tokens
+        bench.micro_batch_pass_cost = args.micro_batch_pass_cost
         bench_main(bench, json_out=args.json_out)
     elif args.command == "report":
         from locft_dist.report import write_report

@@ -72,6 +72,9 @@ class TrainConfig:
     """Edits per forward/backward on one rank; the rest is gradient accumulation. Default: rank's share."""
     micro_batch_tokens: int | None = 4096
     """Padded tokens (edits x longest) per forward/backward on one rank, cut from the length-sorted share."""
+    micro_batch_pass_cost: int | None = None
+    """Fixed cost of one forward/backward, in padded tokens: a rank's share is cut into the length buckets
+    that minimize passes x this + padded tokens. Default by device: 64 on CPU, 4096 on GPU."""
     lr: float = 5e-4
     """Peak learning rate."""
     optimizer: str = "adam"
@@ -383,7 +386,7 @@ def validate(config: RunConfig) -> None:
     cache_gib = config.train.prefix_cache_device_gib
     if cache_gib is not None and cache_gib < 0:
         raise ConfigError(f"'train.prefix_cache_device_gib' must be >= 0 or null; got {cache_gib}")
-    for key in ("micro_batch_size", "micro_batch_tokens"):
+    for key in ("micro_batch_size", "micro_batch_tokens", "micro_batch_pass_cost"):
         value = getattr(config.train, key)
         if value is not None and value <= 0:
             raise ConfigError(f"'train.{key}' must be positive; got {value}")

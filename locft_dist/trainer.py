@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from locft_dist.batching import rank_chunks
+from locft_dist.batching import default_pass_cost, rank_chunks
 from locft_dist.config import TrainConfig
 from locft_dist.edits.encode import EncodedExample, collate, per_example_loss
 from locft_dist.optim import build_optimizer, lr_at
@@ -112,6 +112,7 @@ def train_breadth_first(
     total_steps = sampler.steps_per_epoch * cfg.epochs
     step = sampler.epoch * sampler.steps_per_epoch + (sampler.consumed % sampler.num_edits) // cfg.batch_size
     lengths = [len(e.input_ids) for e in examples]
+    pass_cost = cfg.micro_batch_pass_cost or default_pass_cost(torch.device(strategy.device).type)
     cache = build_prefix_cache(model, examples, strategy, cfg, pad_id) if cfg.prefix_cache else None
     if cache is not None:
         run_log.event("prefix_cache", rank=strategy.rank, **cache.summary())
@@ -140,6 +141,7 @@ def train_breadth_first(
                 lengths,
                 modulo_owner=cache is not None,
                 max_tokens=cfg.micro_batch_tokens,
+                pass_cost=pass_cost,
             )
             for chunk, weight in chunks:
                 if cache is not None:  # layers below the first trainable one were run once, before training

