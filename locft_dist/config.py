@@ -105,6 +105,9 @@ class TrainConfig:
     """Run the frozen layers below the first trainable one once per edit and cache their output (exact)."""
     prefix_cache_device_gib: float | None = None
     """Per-rank device memory for the prefix cache; the rest is kept in pinned host memory. null: no limit."""
+    prefix_cache_offload_prefix: bool = False
+    """Single process: free the frozen layers below the cache (and the embedding) during training; reloaded
+    from the model's safetensors afterwards. FSDP/DeepSpeed: ignored (ranks hold shards of them)."""
 
 
 @dataclass(kw_only=True)

@@ -7,7 +7,9 @@ computes them once per edit; every training pass then runs only layers k..L, the
 Partial forwards go through the model's own root forward (``inputs_embeds`` = cached hidden states) with the
 decoder ``ModuleList`` temporarily narrowed to the layers that must run. Rotary embeddings, position ids and
 the causal+padding mask are therefore built by the model exactly as in a full forward, and FSDP2's root
-unit (embeddings, norm, head) is gathered by its usual hooks. A self-check on a few edits compares
+unit (embeddings, norm, head) is gathered by its usual hooks, and ZeRO-3 gathers each module's parameters
+by its per-module hooks (it records the module order of a pass to prefetch along it; a pass in another
+order invalidates that trace, which costs prefetching, not exactness). A self-check on a few edits compares
 the partial path with the full forward; an architecture whose forward does anything else with
 ``inputs_embeds`` (position embeddings added, scaling) fails it and falls back to the full forward.
 
@@ -71,10 +73,14 @@ def only_layers(model: nn.Module, layers_path: str, start: int, stop: int) -> It
 
 
 def _reshard(model: nn.Module) -> None:
-    """FSDP2 keeps the root unit gathered after a forward without backward; free it."""
-    reshard = getattr(model, "reshard", None)
-    if callable(reshard):
-        reshard()
+    """Free what a forward without backward left gathered: FSDP2's root unit; under ZeRO-3, the parameters
+    prefetched along a recorded module order that the partial pass then left (their post-forward hooks
+    never ran). ZeRO-3 itself notices the changed module order, drops its trace and records a new one."""
+    for name in ("reshard", "empty_partition_cache"):  # FSDP2 module; DeepSpeed engine (a no-op below 3)
+        release = getattr(model, name, None)
+        if callable(release):
+            release()
+            return
 
 
 class PrefixCache:

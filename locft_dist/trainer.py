@@ -27,6 +27,7 @@ from locft_dist.edits.encode import EncodedExample, collate, per_example_loss
 from locft_dist.optim import build_optimizer, lr_at
 from locft_dist.parallel.base import Strategy
 from locft_dist.prefix_cache import build_prefix_cache
+from locft_dist.prefix_offload import offload_prefix
 from locft_dist.runlog import RunLog
 from locft_dist.sampler import BreadthFirstSampler
 
@@ -116,6 +117,7 @@ def train_breadth_first(
     cache = build_prefix_cache(model, examples, strategy, cfg, pad_id) if cfg.prefix_cache else None
     if cache is not None:
         run_log.event("prefix_cache", rank=strategy.rank, **cache.summary())
+    offload = offload_prefix(model, cache, strategy) if cache and cfg.prefix_cache_offload_prefix else None
     result = TrainResult("breadth_first", num_steps=step)
     start = time.perf_counter()
     bar = tqdm(
@@ -211,6 +213,8 @@ def train_breadth_first(
             sampler.epoch,
         )
     bar.close()
+    if offload is not None:  # evaluation and the caller need the whole model
+        offload.restore()
     result.num_steps = step
     result.epoch_losses = list(progress.epoch_losses)
     result.seconds = time.perf_counter() - start

@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO under torchrun, the deepspeed launcher and accelerate: 2 ranks over gloo on CPU.
 
-The same edits as one process and as FSDP2 give the same delta; kill-and-resume is exact; only the
-localized parameters have optimizer state; preemption saves and exits with the distinct code.
+The same edits as one process and as FSDP2 give the same delta; the prefix cache gives the uncached
+result; kill-and-resume (with the cache) is exact; only the localized parameters have optimizer state;
+preemption saves and exits with the distinct code.
 """
 
 import json
@@ -46,8 +47,9 @@ def setup(world_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deepspeed")
     edits = tmp / "edits.jsonl"
     write_jsonl(world_model.world.make_edits(NUM_EDITS, seed=2), edits)
-    # DeepSpeed ignores the prefix cache, so the runs it is compared with go without it too.
-    args = [*edit_args(world_model.model_dir, edits), "train.prefix_cache=false"]
+    # Every run uses the prefix cache (the default): the same fixed edit ownership on every strategy, so
+    # the per-rank sums are formed alike. test_zero3_prefix_cache_equals_the_uncached_path checks the cache.
+    args = edit_args(world_model.model_dir, edits)
     run(1, tmp / "single", args)  # these two evaluate too (the default); the other runs do not
     zero3 = run(2, tmp / "zero3", [*args, *ZERO3])
     args.append("eval.enabled=false")
@@ -81,6 +83,36 @@ def test_zero3_delta_equals_fsdp_and_single_process(setup):
     )
 
 
+def _events(run_dir, name: str) -> list[dict]:
+    lines = (run_dir / "log.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["event"] == name]
+
+
+def test_zero3_prefix_cache_equals_the_uncached_path(setup):
+    """The partial forwards (cache fill, self-check, layers 1.. in training) run under ZeRO-3's hooks."""
+    assert "prefix cache disabled" not in setup["zero3_log"]  # the self-check passed: no fallback
+    (event,) = _events(setup["tmp"] / "zero3", "prefix_cache")
+    assert event["first_layer"] == 1 and event["num_edits"] == (NUM_EDITS + 1) // 2  # rank 0's edits
+    run_dir = setup["tmp"] / "zero3_uncached"
+    run(2, run_dir, [*setup["args"], *ZERO3, "train.prefix_cache=false"])
+    assert not _events(run_dir, "prefix_cache")
+    uncached = delta(run_dir)
+    for name, tensor in uncached.items():
+        torch.testing.assert_close(setup["zero3"][name], tensor, atol=1e-5, rtol=0)
+    print(f"zero3 cached vs uncached {max_diff(setup['zero3'], uncached):.2e}")
+    # The tiny model lies under ZeRO-3's persistence threshold (it stays gathered after first use); with
+    # none, every module's parameters are gathered by its hooks and released after it, in every pass.
+    config = json.loads((REPO / "deepspeed_configs" / "zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (setup["tmp"] / "zero3_unpersisted.json").write_text(json.dumps(config))
+    run_dir = setup["tmp"] / "zero3_unpersisted"
+    config_arg = f"dist.deepspeed_config={setup['tmp'] / 'zero3_unpersisted.json'}"
+    proc = run(2, run_dir, [*setup["args"], "dist.strategy=deepspeed", config_arg])
+    assert "prefix cache disabled" not in proc.stderr and _events(run_dir, "prefix_cache")
+    for name, tensor in setup["zero3"].items():
+        assert torch.equal(delta(run_dir)[name], tensor), name  # gathering changes no arithmetic
+
+
 def test_zero3_evaluation_reports_the_single_process_numbers(setup):
     single, zero3 = (
         json.loads((setup["tmp"] / name / "metrics.json").read_text()) for name in ("single", "zero3")
@@ -95,7 +127,11 @@ def test_zero3_evaluation_reports_the_single_process_numbers(setup):
 def test_zero2_and_offload_deltas_equal_single_process(setup, config):
     run_dir = setup["tmp"] / config
     path = REPO / "deepspeed_configs" / f"{config}.json"
-    run(2, run_dir, [*setup["args"], "dist.strategy=deepspeed", f"dist.deepspeed_config={path}"])
+    # Offloading the frozen prefix is a single-process option: ZeRO ranks keep theirs, with a warning.
+    args = [*setup["args"], "dist.strategy=deepspeed", f"dist.deepspeed_config={path}"]
+    proc = run(2, run_dir, [*args, "train.prefix_cache_offload_prefix=true"])
+    assert "prefix_cache_offload_prefix is ignored by DeepSpeedStrategy" in proc.stderr
+    assert _events(run_dir, "prefix_cache"), "the prefix cache runs under ZeRO-2 and offload too"
     for name, tensor in setup["single"].items():
         torch.testing.assert_close(delta(run_dir)[name], tensor, atol=1e-5, rtol=0)
 
@@ -142,6 +178,7 @@ def test_sigkill_mid_epoch_then_rerun_is_bitwise_identical(setup):
     run(2, run_dir, args)
     events = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert any(e["event"] == "resume" for e in events), f"no resume: {[e['event'] for e in events]}"
+    assert len(_events(run_dir, "prefix_cache")) == 2  # the cache is rebuilt on resume, same ownership
     for name, tensor in setup["zero3"].items():
         assert torch.equal(delta(run_dir)[name], tensor), f"{name} differs after kill at step {kill_at}"
 

@@ -111,8 +111,8 @@ def _strip(name: str) -> str:
 class DeepSpeedStrategy(ProcessGroupCollectives):
     """ZeRO-2/3 over all ranks of the job; the model handed to the trainer is the DeepSpeed engine."""
 
-    supports_prefix_cache = False
-    """The partial forward is not verified under ZeRO's module hooks: train.prefix_cache is ignored."""
+    supports_prefix_cache = True
+    """The partial forward runs through the engine, so ZeRO-3's per-module hooks gather what it uses."""
 
     def __init__(self, cfg: RunConfig) -> None:
         import deepspeed

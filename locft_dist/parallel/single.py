@@ -23,6 +23,8 @@ class SingleProcess(TorchOptimizer):
 
     rank = 0
     world_size = 1
+    supports_prefix_offload = True
+    """The model is whole and was loaded from safetensors: the frozen prefix can be freed and reloaded."""
 
     def __init__(self, device: torch.device | str = "auto") -> None:
         self.device = device if isinstance(device, torch.device) else pick_device(device)
