@@ -26,6 +26,7 @@ from locft_dist.config import TrainConfig
 from locft_dist.edits.encode import EncodedExample, collate, per_example_loss
 from locft_dist.optim import build_optimizer, lr_at
 from locft_dist.parallel.base import Strategy
+from locft_dist.parallel.memory import log_host_memory
 from locft_dist.prefix_cache import build_prefix_cache
 from locft_dist.runlog import RunLog
 from locft_dist.sampler import BreadthFirstSampler
@@ -115,6 +116,7 @@ def train_breadth_first(
     cache = build_prefix_cache(model, examples, strategy, cfg, pad_id) if cfg.prefix_cache else None
     if cache is not None:
         run_log.event("prefix_cache", rank=strategy.rank, **cache.summary())
+        log_host_memory("after the prefix-cache fill")
     result = TrainResult("breadth_first", num_steps=step)
     start = time.perf_counter()
     bar = tqdm(
