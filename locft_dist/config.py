@@ -48,6 +48,10 @@ class EditsConfig:
     """Prepended to every answer before tokenizing ("" to disable)."""
     append_eos: bool = True
     """Append the EOS token to every training target, so the edited model stops after the answer."""
+    token_cache: bool = True
+    """Keep the tokenized edits in a memory-mapped file keyed by the file's sha256, tokenizer and settings."""
+    token_cache_dir: str | None = None
+    """Token cache directory; null: $XDG_CACHE_HOME/locft-dist/tokens (default ~/.cache/locft-dist/tokens)."""
 
 
 @dataclass(kw_only=True)
@@ -108,6 +112,11 @@ class TrainConfig:
     prefix_cache_offload_prefix: bool = False
     """Single process: free the frozen layers below the cache (and the embedding) during training; reloaded
     from the model's safetensors afterwards. FSDP/DeepSpeed: ignored (ranks hold shards of them)."""
+    prefix_cache_host_gib: float | None = 0.25
+    """Per-rank host memory for prefix-cache rows (all rows on CPU; the overflow of the device budget on GPU);
+    rows beyond it go to a spill file read back with plain reads. null: no limit."""
+    prefix_cache_spill_dir: str | None = None
+    """Directory of the (unlinked, per-run) prefix-cache spill file; null: the system temp dir."""
 
 
 @dataclass(kw_only=True)
@@ -386,9 +395,10 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"'{key}' must be positive; got {value}")
     if config.train.lr <= 0:
         raise ConfigError(f"'train.lr' must be positive; got {config.train.lr}")
-    cache_gib = config.train.prefix_cache_device_gib
-    if cache_gib is not None and cache_gib < 0:
-        raise ConfigError(f"'train.prefix_cache_device_gib' must be >= 0 or null; got {cache_gib}")
+    for key in ("prefix_cache_device_gib", "prefix_cache_host_gib"):
+        cache_gib = getattr(config.train, key)
+        if cache_gib is not None and cache_gib < 0:
+            raise ConfigError(f"'train.{key}' must be >= 0 or null; got {cache_gib}")
     for key in ("micro_batch_size", "micro_batch_tokens", "micro_batch_pass_cost"):
         value = getattr(config.train, key)
         if value is not None and value <= 0:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,9 @@ import yaml
 
 from locft_dist.config import RunConfig
 from locft_dist.delta import compute_delta, fingerprint_tensors, read_base_tensors, write_delta
-from locft_dist.edits import EditRequest, augment, edits_fingerprint, load_edits
+from locft_dist.edits import EditRequest, augment
 from locft_dist.edits.encode import EncodedExample, encode_pair, encode_pairs, pad_token_id
+from locft_dist.edits.token_cache import TokenizedEdits, default_cache_dir, tokenized_edits
 from locft_dist.errors import ConfigError, EncodingError, RunDirBusyError
 from locft_dist.evaluate import (
     EditMetrics,
@@ -29,6 +31,7 @@ from locft_dist.lora import attach_lora, merged_weights
 from locft_dist.model import check_model_dir, load_tokenizer
 from locft_dist.parallel import make_strategy
 from locft_dist.parallel.base import Strategy
+from locft_dist.parallel.memory import log_host_memory
 from locft_dist.parallel.single import SingleProcess
 from locft_dist.resumable import clear_checkpoints, train_resumable
 from locft_dist.run_lock import RunDirLock
@@ -67,6 +70,28 @@ def encode_edits(tokenizer, requests: list[EditRequest], cfg: RunConfig) -> list
             except EncodingError as err:
                 raise EncodingError(f"{cfg.edits.path}: edit {number}: {err}") from None
         raise
+
+
+def load_encoded_edits(cfg: RunConfig, tokenizer, *, need_requests: bool) -> TokenizedEdits:
+    """The edit file as encoded examples, through the on-disk token cache unless ``edits.token_cache`` is
+    off; the parsed records come along only when ``need_requests`` (evaluation, augmentation)."""
+    cache_dir = None
+    if cfg.edits.token_cache:
+        cache_dir = cfg.edits.token_cache_dir or default_cache_dir()
+    return tokenized_edits(
+        cfg.edits.path,
+        tokenizer,
+        format=cfg.edits.format,
+        skip_invalid=cfg.edits.skip_invalid,
+        limit=cfg.edits.limit,
+        encode_kwargs={
+            "target_prefix": cfg.edits.target_prefix,
+            "append_eos": cfg.edits.append_eos,
+            "max_length": cfg.edits.max_length,
+        },
+        cache_dir=cache_dir,
+        need_requests=need_requests,
+    )
 
 
 def read_heldout(path: str | None) -> list[str] | None:
@@ -149,10 +174,10 @@ def _run_edit(
     cfg: RunConfig, strategy: Strategy, lock: RunDirLock, cleanup: contextlib.ExitStack
 ) -> EditOutcome:
     check_model_dir(cfg.model.path)  # fail on bad input before the run directory is touched
-    edit_set = load_edits(
-        cfg.edits.path, cfg.edits.format, skip_invalid=cfg.edits.skip_invalid, limit=cfg.edits.limit
-    )
-    requests = edit_set.requests
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    loaded = load_encoded_edits(cfg, tokenizer, need_requests=cfg.eval.enabled or augment.enabled(cfg))
+    requests, examples = loaded.requests, loaded.examples
     run_dir = Path(cfg.output.dir)
     lock_run_dir(strategy, lock)
     finished = check_run_dir(cfg)
@@ -161,15 +186,16 @@ def _run_edit(
         return EditOutcome(strategy.is_main, run_dir, finished, None, None, None)
     torch.manual_seed(cfg.train.seed)
     logger.info(
-        "%d edits from %s (%s; %d skipped, %d duplicates)",
-        len(requests),
+        "%d edits from %s (%s; %d skipped, %d duplicates), %s in %.1fs",
+        len(examples),
         cfg.edits.path,
-        edit_set.format,
-        edit_set.num_skipped,
-        edit_set.num_duplicates,
+        loaded.format,
+        loaded.num_skipped,
+        loaded.num_duplicates,
+        "mapped from the token cache" if loaded.from_cache else "parsed and tokenized",
+        time.perf_counter() - started,
     )
-    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    examples = encode_edits(tokenizer, requests, cfg)
+    log_host_memory("after loading and encoding the edits")
     pad_id = pad_token_id(tokenizer)
 
     model, location = strategy.load_model(cfg.model, cfg.locate)
@@ -195,14 +221,14 @@ def _run_edit(
         run_log.add_sink(WandbSink.start(cfg, run_dir))
     run_log.event(
         "setup",
-        num_edits=len(requests),
-        dataset_fingerprint=edits_fingerprint(requests),
+        num_edits=len(examples),
+        dataset_fingerprint=loaded.fingerprint,
         world_size=strategy.world_size,
         parameters=[n for n, _ in trainable],
         base_fingerprint=base_fingerprint,
     )
 
-    eval_requests = requests[: cfg.eval.limit] if cfg.eval.limit else requests
+    eval_requests = requests[: cfg.eval.limit] if cfg.eval.limit and requests else requests
     heldout = read_heldout(cfg.eval.heldout_path)
     reference = metrics_base = None
     if cfg.eval.enabled:
@@ -214,7 +240,7 @@ def _run_edit(
         _reshard(model)
 
     train_examples, dataset_fingerprint = augmented_examples(
-        cfg, strategy, model, tokenizer, requests, examples, base_fingerprint, run_log
+        cfg, strategy, model, tokenizer, requests, examples, loaded.fingerprint, base_fingerprint, run_log
     )
     logger.info(
         "training: %s, %d edits, batch %d, lr %g, up to %d epochs",
@@ -278,17 +304,17 @@ def augmented_examples(
     strategy: Strategy,
     model,
     tokenizer,
-    requests: list[EditRequest],
-    examples: list[EncodedExample],
+    requests: list[EditRequest] | None,
+    examples: Sequence[EncodedExample],
+    fingerprint: str,
     base_fingerprint: str,
     run_log: RunLog,
-) -> tuple[list[EncodedExample], str]:
+) -> tuple[Sequence[EncodedExample], str]:
     """The breadth-first training set: the edits, then any pseudo-paraphrases and locality examples.
 
     The dataset fingerprint (checked on resume) covers the augmentation, so a checkpoint made with other
     extra examples is refused.
     """
-    fingerprint = edits_fingerprint(requests)
     if not augment.enabled(cfg):
         return examples, fingerprint
     if cfg.train.pipeline != "breadth_first":

@@ -26,6 +26,8 @@ import contextlib
 import inspect
 import logging
 import math
+import os
+import tempfile
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -83,6 +85,98 @@ def _reshard(model: nn.Module) -> None:
             return
 
 
+SLAB_BYTES = 64 * 2**20
+"""Host rows are packed into slabs of this size: one allocation per slab, not one per edit."""
+_ALIGN = 16
+
+
+class RowStore:
+    """Where the cached rows live: on the device up to its budget, then packed into host slabs (pinned
+    when the device is a GPU) up to the host budget, then in an unlinked spill file.
+
+    Spilled rows are read back with ``pread`` into fresh buffers, not memory-mapped: the page cache holds
+    the file, and it does not count toward the process's resident memory.
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        device_budget_bytes: int | None,
+        host_budget_bytes: int | None,
+        spill_dir: str | None,
+    ) -> None:
+        self.device = device
+        self.device_budget_bytes = device_budget_bytes
+        self.host_budget_bytes = host_budget_bytes
+        self.spill_dir = spill_dir
+        self.device_bytes = self.host_bytes = self.spill_bytes = 0
+        self._on_device: dict[int, torch.Tensor] = {}
+        self._where: dict[int, tuple[int, int, int]] = {}  # index -> (slab or -1: spilled, byte offset, rows)
+        self._slabs: list[torch.Tensor] = []
+        self._slab_used = 0
+        self._spill = None
+        self._dtype: torch.dtype | None = None
+        self._width = self._itemsize = 0
+
+    def __len__(self) -> int:
+        return len(self._on_device) + len(self._where)
+
+    def put(self, index: int, hidden: torch.Tensor) -> None:
+        """Store a copy of ``hidden`` (shape ``[tokens, width]``) for edit ``index``."""
+        self._dtype, self._width, self._itemsize = hidden.dtype, hidden.shape[-1], hidden.element_size()
+        size = hidden.numel() * hidden.element_size()
+        if self.device.type != "cpu" and (
+            self.device_budget_bytes is None or self.device_bytes + size <= self.device_budget_bytes
+        ):
+            self._on_device[index] = hidden.clone()
+            self.device_bytes += size
+        elif self.host_budget_bytes is None or self.host_bytes + size <= self.host_budget_bytes:
+            self._put_host(index, hidden, size)
+        else:
+            self._put_spill(index, hidden, size)
+
+    def _put_host(self, index: int, hidden: torch.Tensor, size: int) -> None:
+        if not self._slabs or self._slab_used + size > self._slabs[-1].numel():
+            pinned = self.device.type == "cuda"
+            self._slabs.append(torch.empty(max(SLAB_BYTES, size), dtype=torch.uint8, pin_memory=pinned))
+            self._slab_used = 0
+        start = self._slab_used
+        self._slabs[-1][start : start + size].view(hidden.dtype).view(hidden.shape).copy_(hidden)
+        self._where[index] = (len(self._slabs) - 1, start, hidden.shape[0])
+        self._slab_used = start + size + (-size % _ALIGN)
+        self.host_bytes += size
+
+    def _put_spill(self, index: int, hidden: torch.Tensor, size: int) -> None:
+        if self._spill is None:
+            # open for the store's lifetime; unlinked at once, so the OS removes it when the process ends
+            self._spill = tempfile.TemporaryFile(prefix="locft-prefix-cache-", dir=self.spill_dir)  # noqa: SIM115
+            where = self.spill_dir or tempfile.gettempdir()
+            logger.info("prefix cache: host budget reached, spilling further rows to a file in %s", where)
+        data = hidden.detach().contiguous().cpu().view(torch.uint8).reshape(-1).numpy().tobytes()
+        self._where[index] = (-1, self._spill.tell(), hidden.shape[0])
+        self._spill.write(data)
+        self.spill_bytes += size
+
+    def seal(self) -> None:
+        """Filling is over: flush the spill file so that reads see every row."""
+        if self._spill is not None:
+            self._spill.flush()
+
+    def get(self, index: int) -> torch.Tensor:
+        """Edit ``index``'s rows (on the device, in a host slab, or read from the spill file)."""
+        if index in self._on_device:
+            return self._on_device[index]
+        slab, start, tokens = self._where[index]
+        size = tokens * self._width * self._itemsize
+        if slab >= 0:
+            raw = self._slabs[slab][start : start + size]
+        else:
+            raw = torch.empty(size, dtype=torch.uint8)
+            if os.preadv(self._spill.fileno(), [raw.numpy()], start) != size:
+                raise OSError(f"prefix cache spill file is short at byte {start}")
+        return raw.view(self._dtype).view(tokens, self._width)
+
+
 class PrefixCache:
     """Hidden states entering layer ``first_layer`` for the edits this rank owns."""
 
@@ -95,6 +189,8 @@ class PrefixCache:
         world_size: int,
         device: torch.device,
         device_budget_bytes: int | None = None,
+        host_budget_bytes: int | None = None,
+        spill_dir: str | None = None,
     ) -> None:
         layout = find_decoder_layers(model)
         self.layers_path = layout.layers_path
@@ -103,18 +199,16 @@ class PrefixCache:
         self.rank = rank
         self.world_size = world_size
         self.device = device
-        self.device_budget_bytes = device_budget_bytes
-        self.hidden: dict[int, torch.Tensor] = {}
-        self.device_bytes = 0
-        self.host_bytes = 0
+        self.rows = RowStore(device, device_budget_bytes, host_budget_bytes, spill_dir)
         self._keep_one_logit = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def summary(self) -> dict[str, float]:
         return {
             "first_layer": self.first_layer,
-            "num_edits": len(self.hidden),
-            "device_mib": self.device_bytes / 2**20,
-            "host_mib": self.host_bytes / 2**20,
+            "num_edits": len(self.rows),
+            "device_mib": self.rows.device_bytes / 2**20,
+            "host_mib": self.rows.host_bytes / 2**20,
+            "spill_mib": self.rows.spill_bytes / 2**20,
         }
 
     def owner(self, index: int) -> int:
@@ -146,18 +240,6 @@ class PrefixCache:
             handle.remove()
         return captured[-1].detach()
 
-    def _store(self, index: int, hidden: torch.Tensor) -> None:
-        size = hidden.numel() * hidden.element_size()
-        on_device = self.device_budget_bytes is None or self.device_bytes + size <= self.device_budget_bytes
-        if on_device or self.device.type == "cpu":
-            self.hidden[index] = hidden.clone()
-            self.device_bytes += size
-        else:
-            host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
-            host.copy_(hidden)
-            self.hidden[index] = host
-            self.host_bytes += size
-
     def fill(
         self, model: nn.Module, examples: Sequence[EncodedExample], pad_id: int, micro: int, check
     ) -> bool:
@@ -179,15 +261,18 @@ class PrefixCache:
             hidden = self._prefix_hidden(model, inputs)
             if position < len(chunks):
                 for row, index in enumerate(chunk):
-                    self._store(index, hidden[row, : lengths[index]])
+                    self.rows.put(index, hidden[row, : lengths[index]])
+        self.rows.seal()
         _reshard(model)
         logger.info(
-            "prefix cache: %d edits, layers 0..%d run once; %.1f MiB on %s, %.1f MiB on the host",
-            len(self.hidden),
+            "prefix cache: %d edits, layers 0..%d run once; %.1f MiB on %s, %.1f MiB in host memory, "
+            "%.1f MiB spilled to disk",
+            len(self.rows),
             self.first_layer - 1,
-            self.device_bytes / 2**20,
+            self.rows.device_bytes / 2**20,
             self.device.type,
-            self.host_bytes / 2**20,
+            self.rows.host_bytes / 2**20,
+            self.rows.spill_bytes / 2**20,
         )
         return True
 
@@ -224,7 +309,7 @@ class PrefixCache:
         return out.logits
 
     def _batch_hidden(self, indices: Sequence[int], width: int) -> torch.Tensor:
-        rows = [self.hidden[i] for i in indices]
+        rows = [self.rows.get(i) for i in indices]
         out = torch.zeros(
             (len(rows), width, rows[0].shape[-1]), dtype=rows[0].dtype, device=self.device
         )  # padded positions are masked out of attention and loss
@@ -260,6 +345,7 @@ def build_prefix_cache(
         logger.info("prefix cache off: fewer edits than ranks")
         return None
     budget = cfg.prefix_cache_device_gib
+    host = cfg.prefix_cache_host_gib
     cache = PrefixCache(
         model,
         first,
@@ -267,6 +353,8 @@ def build_prefix_cache(
         world_size=strategy.world_size,
         device=strategy.device,
         device_budget_bytes=None if budget is None else int(budget * 2**30),
+        host_budget_bytes=None if host is None else int(host * 2**30),
+        spill_dir=cfg.prefix_cache_spill_dir,
     )
 
     def check(bad: bool) -> bool:

@@ -26,6 +26,7 @@ from locft_dist.config import TrainConfig
 from locft_dist.edits.encode import EncodedExample, collate, per_example_loss
 from locft_dist.optim import build_optimizer, lr_at
 from locft_dist.parallel.base import Strategy
+from locft_dist.parallel.memory import log_host_memory
 from locft_dist.prefix_cache import build_prefix_cache
 from locft_dist.prefix_offload import offload_prefix
 from locft_dist.runlog import RunLog
@@ -117,6 +118,7 @@ def train_breadth_first(
     cache = build_prefix_cache(model, examples, strategy, cfg, pad_id) if cfg.prefix_cache else None
     if cache is not None:
         run_log.event("prefix_cache", rank=strategy.rank, **cache.summary())
+        log_host_memory("after the prefix-cache fill")
     offload = offload_prefix(model, cache, strategy) if cache and cfg.prefix_cache_offload_prefix else None
     result = TrainResult("breadth_first", num_steps=step)
     start = time.perf_counter()

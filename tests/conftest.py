@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# Runs write their token caches under XDG_CACHE_HOME: keep the suite's (and its subprocesses') out of ~.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="locft-test-cache-")
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 SENTENCES = [

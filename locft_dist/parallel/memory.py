@@ -18,6 +18,26 @@ def peak_host_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def current_host_bytes() -> int | None:
+    """Resident memory of this process now (Linux /proc; None elsewhere): RSS at a phase, not the peak."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return None
+
+
+def log_host_memory(label: str) -> None:
+    """One line with this process's current and peak resident memory, to see which phase holds what."""
+    now = current_host_bytes()
+    logger.info(
+        "host memory %s: rss %s GiB, peak %.2f GiB",
+        label,
+        "?" if now is None else f"{now / 2**30:.2f}",
+        peak_host_bytes() / 2**30,
+    )
+
+
 def peak_device_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
