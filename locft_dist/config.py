@@ -48,6 +48,8 @@ class EditsConfig:
     """Prepended to every answer before tokenizing ("" to disable)."""
     append_eos: bool = True
     """Append the EOS token to every training target, so the edited model stops after the answer."""
+    chat_template: str = "none"
+    """none (plain completion) | auto (the tokenizer's chat template: prompt = user turn, target = reply)."""
     token_cache: bool = True
     """Keep the tokenized edits in a memory-mapped file keyed by the file's sha256, tokenizer and settings."""
     token_cache_dir: str | None = None
@@ -170,7 +172,9 @@ class EvalConfig:
     batch_size: int = 64
     """Probes per forward."""
     generation: bool = True
-    """Also compute greedy-generation exact match (slower than teacher forcing)."""
+    """Also compute the generation metrics (LocFT exact match, WILD); slower than teacher forcing."""
+    max_new_tokens: int = 40
+    """WILD: greedy tokens generated per probe at most (cut at the first ".", newline or EOS)."""
     limit: int | None = None
     """Evaluate only the first N edits (all by default)."""
     heldout_path: str | None = None
@@ -231,6 +235,7 @@ class RunConfig:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "edits.format": ("auto", "zsre", "counterfact", "wikibigedit", "jsonl"),
+    "edits.chat_template": ("none", "auto"),
     "train.pipeline": ("breadth_first", "depth_first"),
     "train.optimizer": ("adam", "adamw"),
     "train.lr_schedule": ("constant", "linear", "cosine"),
@@ -387,6 +392,7 @@ def validate(config: RunConfig) -> None:
         "train.batch_size": config.train.batch_size,
         "edits.max_length": config.edits.max_length,
         "eval.batch_size": config.eval.batch_size,
+        "eval.max_new_tokens": config.eval.max_new_tokens,
         "train.depth_first_max_steps": config.train.depth_first_max_steps,
         "output.keep_last": config.output.keep_last,
     }

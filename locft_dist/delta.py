@@ -2,12 +2,14 @@
 
 Keys are the base model's parameter names as ``AutoModelForCausalLM.named_parameters()`` gives them;
 ``edited = base + delta``. Metadata: ``locft.format`` (``delta/1``), ``locft.base_model``,
-``locft.base_fingerprint`` (hash of the base tensors the delta touches) and ``locft.config``.
+``locft.base_fingerprint`` (hash of the base tensors the delta touches), ``locft.config`` and
+``locft.encoding`` (how prompts and answers were tokenized, so evaluation probes what training trained).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -20,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from locft_dist.edits.encode import Encoding
 from locft_dist.errors import DeltaError
 from locft_dist.model import SafetensorsCheckpoint
 
@@ -34,6 +37,21 @@ class Delta:
     @property
     def base_fingerprint(self) -> str:
         return self.metadata["locft.base_fingerprint"]
+
+    @property
+    def encoding(self) -> Encoding | None:
+        """How the run encoded its edits: ``locft.encoding``, else the ``edits`` section of an older
+        delta's ``locft.config``; None when neither says."""
+        if "locft.encoding" in self.metadata:
+            return Encoding.from_dict(json.loads(self.metadata["locft.encoding"]))
+        try:
+            edits = json.loads(self.metadata.get("locft.config", "{}")).get("edits", {})
+        except (json.JSONDecodeError, AttributeError):
+            return None
+        if not isinstance(edits, dict) or "target_prefix" not in edits:
+            return None
+        names = {"target_prefix", "append_eos", "chat_template", "max_length"}
+        return Encoding.from_dict({k: v for k, v in edits.items() if k in names})
 
 
 def fingerprint_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -66,6 +84,7 @@ def write_delta(
     base_model: str,
     base_fingerprint: str,
     config_json: str,
+    encoding: Encoding | None = None,
 ) -> Path:
     """Write atomically: a temp file in the same directory, then rename."""
     path = Path(path)
@@ -77,6 +96,8 @@ def write_delta(
         "locft.base_fingerprint": base_fingerprint,
         "locft.config": config_json,
     }
+    if encoding is not None:
+        metadata["locft.encoding"] = json.dumps(encoding.to_dict(), sort_keys=True)
     fd, tmp = tempfile.mkstemp(prefix=".delta-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

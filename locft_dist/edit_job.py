@@ -18,7 +18,7 @@ import yaml
 from locft_dist.config import RunConfig
 from locft_dist.delta import compute_delta, fingerprint_tensors, read_base_tensors, write_delta
 from locft_dist.edits import EditRequest, augment
-from locft_dist.edits.encode import EncodedExample, encode_pair, encode_pairs, pad_token_id
+from locft_dist.edits.encode import EncodedExample, Encoding, encode_pair, encode_pairs, pad_token_id
 from locft_dist.edits.token_cache import TokenizedEdits, default_cache_dir, tokenized_edits
 from locft_dist.errors import ConfigError, EncodingError, RunDirBusyError
 from locft_dist.evaluate import (
@@ -275,6 +275,7 @@ def _run_edit(
             base_model=str(cfg.model.path),
             base_fingerprint=base_fingerprint,
             config_json=cfg.to_json(),
+            encoding=Encoding.from_config(cfg.edits),
         )
         logger.info("wrote %s", delta_path)
 

@@ -7,14 +7,63 @@ the ids keeps the boundary exact; the loss covers the target tokens only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from locft_dist.errors import EncodingError
 
 IGNORE_INDEX = -100
+
+CHAT_TEMPLATES = ("none", "auto")
+"""``edits.chat_template``: ``none`` (plain completion) | ``auto`` (the tokenizer's chat template: the
+prompt becomes a user turn and the target the assistant's reply)."""
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How (prompt, answer) pairs become token ids.
+
+    Training, evaluation and augmentation all encode through one of these, and the delta records it
+    (``locft.encoding``), so evaluating a delta probes exactly what the run trained.
+    """
+
+    target_prefix: str = " "
+    append_eos: bool = True
+    chat_template: str = "none"
+    max_length: int | None = 256
+
+    def __post_init__(self) -> None:
+        if self.chat_template not in CHAT_TEMPLATES:
+            raise ValueError(f"chat_template must be one of {CHAT_TEMPLATES}, got {self.chat_template!r}")
+
+    @classmethod
+    def from_config(cls, edits_cfg: Any) -> Encoding:
+        """The encoding of a run's ``edits`` config section."""
+        return cls(
+            target_prefix=edits_cfg.target_prefix,
+            append_eos=edits_cfg.append_eos,
+            chat_template=edits_cfg.chat_template,
+            max_length=edits_cfg.max_length,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Encoding:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown encoding keys {unknown}")
+        return cls(**dict(data))
+
+    def for_probes(self) -> Encoding:
+        """Evaluation probes: the same rendering, no EOS after the answer."""
+        return dataclasses.replace(self, append_eos=False)
 
 
 @dataclass(frozen=True)
