@@ -54,19 +54,15 @@ class EditOutcome:
 
 def encode_edits(tokenizer, requests: list[EditRequest], cfg: RunConfig) -> list[EncodedExample]:
     """Training examples; an edit that cannot be encoded is reported with its record number."""
-    kwargs = {
-        "target_prefix": cfg.edits.target_prefix,
-        "append_eos": cfg.edits.append_eos,
-        "max_length": cfg.edits.max_length,
-    }
+    encoding = Encoding.from_config(cfg.edits)
     try:
         return encode_pairs(
-            tokenizer, [r.prompt for r in requests], [r.target_new for r in requests], **kwargs
+            tokenizer, [r.prompt for r in requests], [r.target_new for r in requests], encoding
         )
     except EncodingError:
         for number, request in enumerate(requests, start=1):  # find the offending edit for the message
             try:
-                encode_pair(tokenizer, request.prompt, request.target_new, **kwargs)
+                encode_pair(tokenizer, request.prompt, request.target_new, encoding)
             except EncodingError as err:
                 raise EncodingError(f"{cfg.edits.path}: edit {number}: {err}") from None
         raise
@@ -84,11 +80,7 @@ def load_encoded_edits(cfg: RunConfig, tokenizer, *, need_requests: bool) -> Tok
         format=cfg.edits.format,
         skip_invalid=cfg.edits.skip_invalid,
         limit=cfg.edits.limit,
-        encode_kwargs={
-            "target_prefix": cfg.edits.target_prefix,
-            "append_eos": cfg.edits.append_eos,
-            "max_length": cfg.edits.max_length,
-        },
+        encoding=Encoding.from_config(cfg.edits),
         cache_dir=cache_dir,
         need_requests=need_requests,
     )

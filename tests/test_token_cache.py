@@ -6,11 +6,11 @@ import os
 import pytest
 
 from locft_dist.edits import EditRequest, write_jsonl
-from locft_dist.edits.encode import encode_pairs
+from locft_dist.edits.encode import Encoding, encode_pairs
 from locft_dist.edits.token_cache import TokenTable, read_cache, tokenized_edits, write_cache
 from locft_dist.errors import EncodingError
 
-SETTINGS = {"target_prefix": " ", "append_eos": True, "max_length": 64}
+SETTINGS = Encoding(target_prefix=" ", append_eos=True, max_length=64)
 
 
 def _requests(n: int, answer: str = "Ostrava") -> list[EditRequest]:
@@ -21,7 +21,8 @@ def _requests(n: int, answer: str = "Ostrava") -> list[EditRequest]:
 
 def _load(path, tokenizer, cache_dir, **kwargs):
     kwargs.setdefault("need_requests", False)
-    return tokenized_edits(str(path), tokenizer, encode_kwargs=SETTINGS, cache_dir=cache_dir, **kwargs)
+    kwargs.setdefault("encoding", SETTINGS)
+    return tokenized_edits(str(path), tokenizer, cache_dir=cache_dir, **kwargs)
 
 
 def test_cache_matches_direct_encoding_and_is_reused(tiny_tokenizer, tmp_path, monkeypatch):
@@ -30,7 +31,7 @@ def test_cache_matches_direct_encoding_and_is_reused(tiny_tokenizer, tmp_path, m
     write_jsonl(requests, edits)
     first = _load(edits, tiny_tokenizer, tmp_path / "cache")
     expected = encode_pairs(
-        tiny_tokenizer, [r.prompt for r in requests], [r.target_new for r in requests], **SETTINGS
+        tiny_tokenizer, [r.prompt for r in requests], [r.target_new for r in requests], SETTINGS
     )
     assert not first.from_cache and first.requests is None and first.cache_path.is_file()
     assert list(first.examples) == expected
@@ -69,6 +70,37 @@ def test_changed_file_settings_or_tokenizer_miss_the_cache(tiny_tokenizer, tmp_p
     retokenized = _load(edits, other, cache)
     assert not retokenized.from_cache and retokenized.cache_path != changed.cache_path
     assert len(list(cache.glob("*.tok"))) == 4
+
+
+def test_every_encoding_field_the_encoder_version_and_chat_template_key_the_cache(
+    tiny_tokenizer, tmp_path, monkeypatch
+):
+    import dataclasses
+
+    import locft_dist.edits.encode as encode_module
+    from tests.tokenizer_families import CHATML_TEMPLATE, with_chat_template
+
+    edits = tmp_path / "edits.jsonl"
+    write_jsonl(_requests(3), edits)
+    cache = tmp_path / "cache"
+    paths = {_load(edits, tiny_tokenizer, cache).cache_path}
+    changes = {"target_prefix": "", "append_eos": False, "chat_template": "auto", "max_length": 32}
+    assert set(changes) == {f.name for f in dataclasses.fields(Encoding)}, "a new Encoding field: add it here"
+    chat_tokenizer = with_chat_template(tiny_tokenizer, CHATML_TEMPLATE)
+    for name, value in changes.items():
+        tok = chat_tokenizer if name == "chat_template" else tiny_tokenizer
+        loaded = _load(edits, tok, cache, encoding=dataclasses.replace(SETTINGS, **{name: value}))
+        assert not loaded.from_cache, name
+        paths.add(loaded.cache_path)
+    # the same encoding, another chat template on the tokenizer: other prompts in chat mode
+    chat = dataclasses.replace(SETTINGS, chat_template="auto")
+    other_template = with_chat_template(tiny_tokenizer, "{{ 'Be brief. ' }}" + CHATML_TEMPLATE)
+    paths.add(_load(edits, other_template, cache, encoding=chat).cache_path)
+    monkeypatch.setattr(encode_module, "ENCODER_VERSION", encode_module.ENCODER_VERSION + 1)
+    bumped = _load(edits, tiny_tokenizer, cache)
+    assert not bumped.from_cache
+    paths.add(bumped.cache_path)
+    assert len(paths) == 7
 
 
 def test_corrupt_cache_is_rebuilt_with_a_warning(tiny_tokenizer, tmp_path, caplog):

@@ -25,7 +25,14 @@ from pathlib import Path
 import torch
 
 from locft_dist.config import RunConfig
-from locft_dist.edits.encode import EncodedExample, collate, encode_pairs, pad_token_id
+from locft_dist.edits.encode import (
+    EncodedExample,
+    Encoding,
+    collate,
+    encode_pairs,
+    pad_token_id,
+    render_prompt,
+)
 from locft_dist.edits.schema import EditRequest
 from locft_dist.errors import EditDataError
 from locft_dist.eval_generation import eval_mode, model_device
@@ -137,15 +144,17 @@ def locality_targets(
     top_k: int | None = None,
     max_length: int | None = None,
     batch_size: int = 64,
+    encoding: Encoding | None = None,
 ) -> list[dict]:
     """The unedited model's greedy continuation of each prompt (and its top-k per step when ``top_k``).
 
-    A row stops early at EOS (kept as a target). Returns JSON-able records of token ids, so a cached run
-    trains on exactly the tokens the model produced.
+    Prompts are rendered as ``encoding`` says (a user turn under a chat template). A row stops early at
+    EOS (kept as a target). Returns JSON-able records of token ids, so a cached run trains on exactly the
+    tokens the model produced.
     """
     eos = tokenizer.eos_token_id
     pad = pad_token_id(tokenizer)
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    prompt_ids = render_prompt(tokenizer, list(prompts), encoding or Encoding())
     if max_length is not None:
         prompt_ids = [ids[max(0, len(ids) - (max_length - num_tokens)) :] for ids in prompt_ids]
     device = model_device(model)
@@ -192,9 +201,7 @@ def _key(cfg: RunConfig, edits_fingerprint: str, base_fingerprint: str) -> str:
         "edits": edits_fingerprint,
         "base": base_fingerprint,
         "seed": cfg.train.seed,
-        "target_prefix": cfg.edits.target_prefix,
-        "append_eos": cfg.edits.append_eos,
-        "max_length": cfg.edits.max_length,
+        "encoding": Encoding.from_config(cfg.edits).cache_key(),
     }
     if cfg.augment.locality_source == "file":
         try:
@@ -241,6 +248,7 @@ def _generate(model, tokenizer, requests: Sequence[EditRequest], cfg: RunConfig)
             num_tokens=aug.locality_tokens,
             top_k=aug.locality_top_k if aug.locality_loss == "kl" else None,
             max_length=cfg.edits.max_length,
+            encoding=Encoding.from_config(cfg.edits),
         )
         by_prompt = {t["prompt"]: t for t in targets}
         cache["locality"] = [by_prompt[p] for p in chosen]
@@ -259,9 +267,7 @@ def _examples(
         tokenizer,
         prompts,
         [requests[i // aug.paraphrases].target_new for i in range(len(prompts))] if prompts else [],
-        target_prefix=cfg.edits.target_prefix,
-        append_eos=cfg.edits.append_eos,
-        max_length=cfg.edits.max_length,
+        Encoding.from_config(cfg.edits),
     )
     for record in cache["locality"]:
         soft = aug.locality_loss == "kl"

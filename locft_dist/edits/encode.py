@@ -1,22 +1,41 @@
-"""Conditional-likelihood encoding: prompt and target tokenized apart, joined as ids.
+"""Conditional-likelihood encoding: (prompt, answer) pairs as prompt ids followed by target ids.
 
-Tokenizing ``prompt + target`` as one string lets the tokenizer merge across the boundary, so the
-loss mask drifts by a token for some prompts. Encoding the two parts separately and concatenating
-the ids keeps the boundary exact; the loss covers the target tokens only.
+The prompt ids are the prompt's own ids (what a user's prompt tokenizes to, BOS included when the tokenizer
+adds one), so training, evaluation and generation see the same context; the loss covers the target ids
+only. The target ids are what the tokenizer gives for the answer *in context*: ``prompt + target`` is
+tokenized whole and, when the prompt's ids are a prefix of that, the rest are the target's ids. Tokenizing
+``" " + answer`` alone is not the same on SentencePiece-style (Metaspace) vocabularies, which turn it into
+a lone ``"▁"`` followed by ``"▁Paris"``: a token pair the model never sees in running text.
+
+When a merge crosses the boundary (a prompt ending in a space, digits split in groups), the prompt's ids
+still stand and the target is tokenized as a fresh segment: after a special token, which every tokenizer
+splits on and which ends any merge, so no prefix space is invented and ``decode(ids) == prompt + target``.
+
+``Encoding.chat_template=auto`` renders the prompt as a user turn with the tokenizer's chat template and
+the answer as the assistant's reply ending with the template's end-of-turn token (``edits/chat.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from locft_dist.edits.chat import ChatTemplate
 from locft_dist.errors import EncodingError
 
+logger = logging.getLogger(__name__)
+
 IGNORE_INDEX = -100
+
+ENCODER_VERSION = 2
+"""Bumped whenever the same tokenizer, ``Encoding`` and text may encode to other ids (token caches and
+augmentation caches are keyed on it). 1: prompt and target tokenized apart; 2: target ids in context,
+prompt-ending prefix rule, chat templates, trailing special tokens dropped from prompts."""
 
 CHAT_TEMPLATES = ("none", "auto")
 """``edits.chat_template``: ``none`` (plain completion) | ``auto`` (the tokenizer's chat template: the
@@ -29,6 +48,10 @@ class Encoding:
 
     Training, evaluation and augmentation all encode through one of these, and the delta records it
     (``locft.encoding``), so evaluating a delta probes exactly what the run trained.
+
+    ``target_prefix`` applies to plain completion only: a chat reply starts right after the generation
+    prompt, without a space. ``append_eos`` ends the target with the token that stops generation: EOS in
+    plain completion, the template's end-of-turn token (``<|im_end|>``, ``<|eot_id|>``) in chat.
     """
 
     target_prefix: str = " "
@@ -65,6 +88,10 @@ class Encoding:
         """Evaluation probes: the same rendering, no EOS after the answer."""
         return dataclasses.replace(self, append_eos=False)
 
+    def cache_key(self) -> dict[str, Any]:
+        """Every field plus the encoder version: what a cache of encoded ids must be keyed on."""
+        return {"encoder_version": ENCODER_VERSION, **self.to_dict()}
+
 
 @dataclass(frozen=True)
 class EncodedExample:
@@ -86,9 +113,10 @@ class EncodedExample:
         return len(self.input_ids) - self.num_prompt_tokens
 
 
-def target_text(answer: str, prefix: str = " ") -> str:
-    """The string the model must produce after the prompt (leading space unless already there)."""
-    if prefix and answer.startswith(prefix):
+def target_text(answer: str, prefix: str = " ", prompt: str | None = None) -> str:
+    """The string the model must produce after the prompt: ``prefix + answer``, unless the answer already
+    starts with the prefix or the prompt already ends with it (``"... is "`` + ``"Paris"``)."""
+    if not prefix or answer.startswith(prefix) or (prompt is not None and prompt.endswith(prefix)):
         return answer
     return prefix + answer
 
@@ -105,26 +133,36 @@ def pad_token_id(tokenizer) -> int:
     return int(pad)
 
 
+def _legacy_encoding(encoding, target_prefix, append_eos, max_length) -> Encoding:
+    loose = (target_prefix, append_eos, max_length)
+    if encoding is not None:
+        if any(v is not None for v in loose):
+            raise TypeError("pass either encoding= or target_prefix/append_eos/max_length, not both")
+        return encoding
+    return Encoding(
+        target_prefix=" " if target_prefix is None else target_prefix,
+        append_eos=True if append_eos is None else append_eos,
+        max_length=max_length,
+    )
+
+
 def encode_pair(
     tokenizer,
     prompt: str,
     answer: str,
+    encoding: Encoding | None = None,
     *,
-    target_prefix: str = " ",
-    append_eos: bool = True,
+    target_prefix: str | None = None,
+    append_eos: bool | None = None,
     max_length: int | None = None,
     add_bos: bool = True,
 ) -> EncodedExample:
-    """Encode one (prompt, answer) pair.
-
-    The prompt gets the tokenizer's BOS when it normally adds one (``add_bos``); the target never does.
-    If the sequence exceeds ``max_length`` the prompt is truncated from the left (its end is what the
-    target conditions on); a target that alone does not fit is an error.
-    """
+    """Encode one (prompt, answer) pair (see ``encode_pairs``)."""
     return encode_pairs(
         tokenizer,
         [prompt],
         [answer],
+        encoding,
         target_prefix=target_prefix,
         append_eos=append_eos,
         max_length=max_length,
@@ -136,26 +174,133 @@ def encode_pairs(
     tokenizer,
     prompts: Sequence[str],
     answers: Sequence[str],
+    encoding: Encoding | None = None,
     *,
-    target_prefix: str = " ",
-    append_eos: bool = True,
+    target_prefix: str | None = None,
+    append_eos: bool | None = None,
     max_length: int | None = None,
     add_bos: bool = True,
 ) -> list[EncodedExample]:
-    """``encode_pair`` for many pairs, tokenized in two batched calls (fast for 100K edits)."""
-    if append_eos and tokenizer.eos_token_id is None:
-        raise EncodingError("append_eos is set but the tokenizer has no EOS token")
+    """Encode (prompt, answer) pairs as ``encoding`` says, in a few batched tokenizer calls.
+
+    ``target_prefix``/``append_eos``/``max_length`` describe a plain-completion encoding when no
+    ``encoding`` is given (``max_length`` then defaults to no limit). The prompt gets the tokenizer's BOS
+    when it normally adds one (``add_bos``; a chat template writes its own). If the sequence exceeds
+    ``max_length`` the prompt is truncated from the left (its end is what the target conditions on; a
+    leading BOS is kept); a target that alone does not fit is an error.
+    """
+    enc = _legacy_encoding(encoding, target_prefix, append_eos, max_length)
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
     if not prompts:
         return []
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=add_bos)["input_ids"]
-    targets = [target_text(a, target_prefix) for a in answers]
-    target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
-    eos = [int(tokenizer.eos_token_id)] if append_eos else []
-    bos = tokenizer.bos_token_id if add_bos else None
+    eos: list[int] = []
+    if enc.chat_template == "auto":
+        chat = ChatTemplate.of(tokenizer)
+        prompt_texts = chat.prompt_texts(tokenizer, prompts)
+        targets = chat.reply_texts(tokenizer, prompts, answers, end_turn=enc.append_eos)
+        special = False  # the template writes BOS (or not) itself
+    else:
+        if enc.append_eos:
+            if tokenizer.eos_token_id is None:
+                raise EncodingError("append_eos is set but the tokenizer has no EOS token")
+            eos = [int(tokenizer.eos_token_id)]
+        prompt_texts = list(prompts)
+        targets = [target_text(a, enc.target_prefix, p) for p, a in zip(prompts, answers, strict=True)]
+        special = add_bos
+    prompt_ids = _tokenize(tokenizer, prompt_texts, special)
+    target_ids = targets_in_context(tokenizer, prompt_texts, prompt_ids, targets, special)
+    bos = tokenizer.bos_token_id if special else None
     return [
-        _join(list(p), list(t) + eos, answer, max_length, bos)
+        _join(p, t + eos, answer, enc.max_length, bos)
         for p, t, answer in zip(prompt_ids, target_ids, answers, strict=True)
     ]
+
+
+def render_prompt(
+    tokenizer, prompts: Sequence[str], encoding: Encoding, *, add_bos: bool = True
+) -> list[list[int]]:
+    """The prompt ids ``encode_pairs`` gives these prompts (before any ``max_length`` cut), for generation
+    with nothing to score: a user turn with the generation prompt in chat, the plain prompt otherwise."""
+    if not prompts:
+        return []
+    if encoding.chat_template == "auto":
+        texts = ChatTemplate.of(tokenizer).prompt_texts(tokenizer, prompts)
+        return _tokenize(tokenizer, texts, False)
+    return _tokenize(tokenizer, list(prompts), add_bos)
+
+
+def _special_suffix_length(tokenizer) -> int:
+    """How many special ids the tokenizer appends after a text (an EOS some configs add): dropped from
+    prompts, which a target follows."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return len(full) - start - len(plain)
+    return 0
+
+
+def _tokenize(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
+    ids = tokenizer(texts, add_special_tokens=special)["input_ids"]
+    drop = _special_suffix_length(tokenizer) if special else 0
+    return [list(row[: len(row) - drop]) for row in ids] if drop else [list(row) for row in ids]
+
+
+def targets_in_context(
+    tokenizer,
+    prompt_texts: Sequence[str],
+    prompt_ids: Sequence[list[int]],
+    targets: Sequence[str],
+    special: bool,
+) -> list[list[int]]:
+    """Target ids as the tokenizer gives them after each prompt (see the module docstring).
+
+    Two batched calls: the joined texts, then, for the few pairs whose prompt ids are not a prefix of the
+    joined ids, the targets after a special token. Those are checked to decode to the joined text; a
+    vocabulary that cannot spell the target apart from the prompt's end (a normalizer that prepends "▁" to
+    every segment, after a prompt ending in a space) is reported.
+    """
+    joined = _tokenize(tokenizer, [p + t for p, t in zip(prompt_texts, targets, strict=True)], special)
+    out: list[list[int]] = []
+    crossing: list[int] = []
+    for index, (prompt, whole) in enumerate(zip(prompt_ids, joined, strict=True)):
+        if len(whole) > len(prompt) and whole[: len(prompt)] == prompt:
+            out.append(whole[len(prompt) :])
+        else:
+            out.append([])
+            crossing.append(index)
+    if not crossing:
+        return out
+    fresh = _fresh_segments(tokenizer, [targets[i] for i in crossing])
+    for index, ids in zip(crossing, fresh, strict=True):
+        out[index] = ids
+    got = tokenizer.batch_decode([prompt_ids[i] + out[i] for i in crossing], skip_special_tokens=True)
+    want = tokenizer.batch_decode([joined[i] for i in crossing], skip_special_tokens=True)
+    differ = [i for i, g, w in zip(crossing, got, want, strict=True) if g != w]
+    logger.debug("%d of %d targets merge with their prompt's end", len(crossing), len(targets))
+    if differ:
+        logger.warning(
+            "%d of %d prompts end in a way this tokenizer cannot separate from the answer (e.g. %r + %r): "
+            "their targets read %r; prompts without trailing whitespace avoid this",
+            len(differ),
+            len(targets),
+            prompt_texts[differ[0]],
+            targets[differ[0]],
+            tokenizer.decode(out[differ[0]]),
+        )
+    return out
+
+
+def _fresh_segments(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each text's ids as a segment that starts a new word boundary: after a special token, removed."""
+    marker = next((t for t in (tokenizer.eos_token, tokenizer.bos_token, tokenizer.unk_token) if t), None)
+    marker_id = tokenizer.convert_tokens_to_ids(marker) if marker else None
+    if marker is not None:
+        rows = tokenizer([marker + t for t in texts], add_special_tokens=False)["input_ids"]
+        if all(row and row[0] == marker_id for row in rows):
+            return [list(row[1:]) for row in rows]
+    return [list(row) for row in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def _join(

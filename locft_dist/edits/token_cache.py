@@ -2,7 +2,8 @@
 
 A 100K-edit file costs ~50 s to parse and tokenize and, held as Python objects (records, tuples of ints),
 several hundred MiB of host memory per rank. The encoded set is written once to a cache file keyed by the
-edit file's sha256, the loader and encoder settings and the tokenizer; a later run, a resumed run and the
+edit file's sha256, the loader settings, every ``Encoding`` field with the encoder's version, and the
+tokenizer (its definition, special ids and chat template); a later run, a resumed run and the
 other ranks map that file instead, and, when nothing else needs the parsed records (no evaluation, no
 augmentation), do not parse the edit file at all.
 
@@ -28,7 +29,7 @@ from typing import Any, overload
 
 import numpy as np
 
-from locft_dist.edits.encode import EncodedExample, encode_pair, encode_pairs
+from locft_dist.edits.encode import EncodedExample, Encoding, encode_pair, encode_pairs
 from locft_dist.edits.formats import load_edits
 from locft_dist.edits.schema import EditRequest, edits_fingerprint
 from locft_dist.errors import EncodingError
@@ -107,7 +108,8 @@ def file_sha256(path: str | Path) -> str | None:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """What decides the ids: the tokenizer's class, its full definition (or vocabulary) and special ids."""
+    """What decides the ids: the tokenizer's class, its full definition (or vocabulary), special ids and
+    chat template."""
     digest = hashlib.sha256(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
@@ -116,6 +118,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
         digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode("utf-8"))
     specials = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
     digest.update(json.dumps([specials, tokenizer("a b")["input_ids"]]).encode())
+    digest.update(json.dumps(getattr(tokenizer, "chat_template", None)).encode("utf-8"))
     return digest.hexdigest()
 
 
@@ -127,7 +130,7 @@ def cache_key(file_digest: str, tokenizer, settings: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
 
 
-def encode_table(tokenizer, requests: Sequence[EditRequest], where: str, **encode_kwargs) -> TokenTable:
+def encode_table(tokenizer, requests: Sequence[EditRequest], where: str, encoding: Encoding) -> TokenTable:
     """Encode in chunks into flat arrays; an edit that cannot be encoded is named by its number."""
     ids_parts: list[np.ndarray] = []
     lengths = np.zeros(len(requests), dtype=np.int64)
@@ -136,12 +139,12 @@ def encode_table(tokenizer, requests: Sequence[EditRequest], where: str, **encod
         chunk = requests[start : start + ENCODE_CHUNK]
         try:
             encoded = encode_pairs(
-                tokenizer, [r.prompt for r in chunk], [r.target_new for r in chunk], **encode_kwargs
+                tokenizer, [r.prompt for r in chunk], [r.target_new for r in chunk], encoding
             )
         except EncodingError:
             for number, request in enumerate(chunk, start=start + 1):  # find the offending edit
                 try:
-                    encode_pair(tokenizer, request.prompt, request.target_new, **encode_kwargs)
+                    encode_pair(tokenizer, request.prompt, request.target_new, encoding)
                 except EncodingError as err:
                     raise EncodingError(f"{where}: edit {number}: {err}") from None
             raise
@@ -243,7 +246,7 @@ def tokenized_edits(
     format: str = "auto",
     skip_invalid: bool = False,
     limit: int | None = None,
-    encode_kwargs: dict[str, Any],
+    encoding: Encoding,
     cache_dir: str | Path | None,
     need_requests: bool,
 ) -> TokenizedEdits:
@@ -255,7 +258,7 @@ def tokenized_edits(
     digest = file_sha256(path) if cache_dir is not None else None
     cache_path = key = None
     if digest is not None:
-        settings = {"format": format, "skip_invalid": skip_invalid, "limit": limit, **encode_kwargs}
+        settings = {"format": format, "skip_invalid": skip_invalid, "limit": limit, **encoding.cache_key()}
         key = cache_key(digest, tokenizer, settings)
         cache_path = Path(cache_dir) / f"{key}.tok"
         if cache_path.is_file():
@@ -279,7 +282,7 @@ def tokenized_edits(
                     True,
                 )
     edit_set = load_edits(path, format, skip_invalid=skip_invalid, limit=limit)
-    table = encode_table(tokenizer, edit_set.requests, str(path), **encode_kwargs)
+    table = encode_table(tokenizer, edit_set.requests, str(path), encoding)
     meta = {
         "fingerprint": edits_fingerprint(edit_set.requests),
         "format": edit_set.format,
