@@ -54,6 +54,15 @@ REPORT_EXAMPLES = """examples:
   locft report runs/zsre --out /tmp/zsre_report
 """
 
+IMPORT_GGUF_EXAMPLES = """examples:
+  locft import-gguf SmolLM2-135M-Instruct.Q4_1.gguf models/smollm2-135m
+  locft import-gguf ~/models/Llama-3.2-1B-Instruct-Q8_0.gguf models/llama-3.2-1b-instruct
+  locft edit model.path=models/smollm2-135m edits.path=edits.jsonl output.dir=runs/first
+
+The weights are dequantized and written as float32 safetensors (4 bytes a parameter); the tokenizer and
+its chat template come from the file's metadata. Needs: pip install 'locft-dist[gguf]'.
+"""
+
 DEMO_EXAMPLES = """examples:
   locft demo --quick                 # < 3 minutes on 2 CPU cores
   locft demo --out demo_out          # the full demo, < 10 minutes
@@ -77,6 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     demo.add_argument("--quick", action="store_true", help="smaller world and budget (< 3 minutes)")
     demo.add_argument("--seed", type=int, default=0)
+
+    gg = sub.add_parser(
+        "import-gguf",
+        help="convert a GGUF file (llama.cpp) into a Hugging Face model directory",
+        description="Convert a GGUF model file into a float32 safetensors Hugging Face model directory "
+        "with its tokenizer, which every locft command can load.",
+        epilog=IMPORT_GGUF_EXAMPLES,
+        formatter_class=fmt,
+    )
+    gg.add_argument("gguf_file", metavar="FILE.gguf", help="the GGUF file (quantized or not)")
+    gg.add_argument("out_dir", metavar="OUT_DIR", help="new directory to write (must not exist)")
 
     edit = sub.add_parser(
         "edit", help="run an editing job (the main job)", epilog=EDIT_EXAMPLES, formatter_class=fmt
@@ -228,6 +248,10 @@ def run(args: argparse.Namespace) -> int:
             heldout=read_heldout(args.heldout),
             device=args.device,
         )
+    elif args.command == "import-gguf":
+        from locft_dist.gguf_import import import_gguf
+
+        print(import_gguf(args.gguf_file, args.out_dir).summary())
     elif args.command == "apply":
         from locft_dist.delta import apply_delta_to_dir
 

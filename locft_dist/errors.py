@@ -42,3 +42,7 @@ class StorageError(LocftError):
 
 class RunDirError(LocftError):
     """A run directory without the outputs a command needs (e.g. ``locft report`` on an empty directory)."""
+
+
+class ModelImportError(LocftError):
+    """A model file that cannot be imported (not a GGUF file, a missing package, an existing output)."""
