@@ -1,4 +1,8 @@
-"""One process, one device: the reference strategy the distributed ones must agree with."""
+"""One process, one device: the reference strategy the distributed ones must agree with.
+
+A model loaded in bfloat16/float16 trains float32 master weights, as FSDP and DeepSpeed do
+(``parallel/master_weights.py``).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from locft_dist.config import LocateConfig, ModelConfig
 from locft_dist.locate import Location, freeze_all_but, resolve_location
 from locft_dist.model import load_model
 from locft_dist.parallel.base import TorchOptimizer
+from locft_dist.parallel.master_weights import keep_fp32_master
 
 
 def pick_device(spec: str = "auto") -> torch.device:
@@ -34,15 +39,17 @@ class SingleProcess(TorchOptimizer):
         return True
 
     def load_model(self, model_cfg: ModelConfig, locate_cfg: LocateConfig) -> tuple[nn.Module, Location]:
-        """Load whole, choose and freeze, move to the device."""
+        """Load whole, choose and freeze, keep fp32 masters of the trainable tensors, move to the device."""
         model = load_model(
             model_cfg.path, dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code
         )
         location = resolve_location(model, locate_cfg.layers, locate_cfg.modules)
         freeze_all_but(model, location.parameter_names)
+        keep_fp32_master(model, model_cfg.path)  # exact fp32 base values from the checkpoint
         return self.wrap_model(model), location
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
+        keep_fp32_master(model)
         return model.to(self.device)
 
     def backward(self, loss: torch.Tensor) -> None:
