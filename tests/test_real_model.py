@@ -131,3 +131,17 @@ def test_an_edit_lands_and_unrelated_prompts_keep_their_answers(real_model_dir, 
         assert old != edit.target_new and new == edit.target_new, (edit.prompt, old, new)
     assert before[len(EDITS) :][0] == "Paris"  # the model knows real facts
     assert after[len(EDITS) :] == before[len(EDITS) :]
+
+
+@pytest.mark.real_model
+def test_the_real_demo_prints_metrics_and_before_after_generations(real_model_dir, tmp_path, capsys):
+    from locft_dist.cli import main
+
+    overrides = ["train.epochs=2", "eval.generation=false", "train.progress=false"]
+    assert main(["demo", "--real", "--limit", "4", "--out", str(tmp_path), *overrides]) == 0
+    printed = capsys.readouterr().out
+    assert "4 CounterFact edits in SmolLM2-135M-Instruct" in printed and "Reliability TF" in printed
+    rows = [line.split() for line in printed.splitlines() if line.startswith(("edited ", "unrelated "))]
+    assert len(rows) == 3 + 4 and rows[0][:3] == ["edited", "Eiffel", "Tower"] and "(edit: Guam)" in printed
+    assert (tmp_path / "real_run" / "delta.safetensors").is_file()
+    assert main(["demo", "--limit", "4"]) == 2  # --limit without --real is refused
