@@ -45,11 +45,12 @@ class EditsConfig:
     max_length: int = 256
     """Maximum prompt+target tokens; prompts are cut from the left; a target that does not fit is an error."""
     target_prefix: str = " "
-    """Prepended to every answer before tokenizing ("" to disable)."""
+    """Prepended to every answer unless the prompt ends with it ("" to disable); plain completion only."""
     append_eos: bool = True
-    """Append the EOS token to every training target, so the edited model stops after the answer."""
+    """End every training target with the stop token (EOS; in chat, the template's end-of-turn token)."""
     chat_template: str = "none"
-    """none (plain completion) | auto (the tokenizer's chat template: prompt = user turn, target = reply)."""
+    """none (plain completion) | auto (the tokenizer's chat template: prompt = user turn, target = the
+    assistant's reply, no leading space); an error for a tokenizer without a chat template."""
     token_cache: bool = True
     """Keep the tokenized edits in a memory-mapped file keyed by the file's sha256, tokenizer and settings."""
     token_cache_dir: str | None = None

@@ -223,6 +223,11 @@ def _run_edit(
     eval_requests = requests[: cfg.eval.limit] if cfg.eval.limit and requests else requests
     heldout = read_heldout(cfg.eval.heldout_path)
     reference = metrics_base = None
+    if cfg.eval.enabled and cfg.edits.chat_template != "none":
+        logger.warning(
+            "edits.chat_template=%s is used for training; this evaluation probes plain-completion prompts",
+            cfg.edits.chat_template,
+        )
     if cfg.eval.enabled:
         logger.info("evaluating the unedited model on %d edits", len(eval_requests))
         reference = compute_reference(model, tokenizer, eval_requests, **_eval_kwargs(cfg))

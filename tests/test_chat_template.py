@@ -6,6 +6,7 @@ import pytest
 
 from locft_dist.edits.encode import Encoding, encode_pair, encode_pairs, render_prompt
 from locft_dist.errors import ConfigError
+from locft_dist.model import load_tokenizer
 from tests.tokenizer_families import (
     CHATML_TEMPLATE,
     TRIMMING_TEMPLATE,
@@ -98,3 +99,50 @@ def test_locality_targets_continue_the_rendered_prompt(chatml):
     for record, ids in zip(records, render_prompt(chatml, prompts, CHAT), strict=True):
         assert record["input_ids"][: record["num_prompt_tokens"]] == ids
         assert len(record["input_ids"]) > len(ids)
+
+
+def test_a_chat_run_trains_on_rendered_turns_and_records_its_encoding(chatml, tmp_path):
+    from locft_dist.config import load_config
+    from locft_dist.delta import read_delta
+    from locft_dist.edit_job import load_encoded_edits, run_edit
+    from locft_dist.edits import EditRequest, write_jsonl
+    from tests.conftest import make_random_llama
+
+    model_dir = tmp_path / "model"
+    make_random_llama(len(chatml)).save_pretrained(model_dir)
+    chatml.save_pretrained(model_dir)
+    edits = [
+        EditRequest(prompt=p, target_new=a)
+        for p, a in [("The capital of France is", "Rome"), ("It was", "1984")]
+    ]
+    write_jsonl(edits, tmp_path / "edits.jsonl")
+    overrides = [
+        f"model.path={model_dir}",
+        f"edits.path={tmp_path / 'edits.jsonl'}",
+        f"output.dir={tmp_path / 'run'}",
+        "edits.chat_template=auto",
+        "augment.paraphrases=1",
+        "augment.paraphrase_tokens=3",
+        "eval.enabled=false",
+        "train.epochs=2",
+        "train.batch_size=2",
+        "dist.strategy=none",
+        "model.device=cpu",
+    ]
+    cfg = load_config(None, overrides)
+    outcome = run_edit(cfg)
+    assert read_delta(outcome.delta_path).encoding == CHAT
+    examples = load_encoded_edits(cfg, load_tokenizer(model_dir), need_requests=False).examples
+    assert chatml.decode(list(examples[0].input_ids)).startswith("<|im_start|>user\nThe capital of France is")
+    augment = (tmp_path / "run" / "augment.json").read_text()
+    assert '"prefixes"' in augment
+
+    plain_dir = tmp_path / "plain"
+    make_random_llama(len(chatml)).save_pretrained(plain_dir)
+    byte_level_tokenizer(add_bos=False).save_pretrained(plain_dir)
+    other = load_config(
+        None, [*overrides[:2], f"model.path={plain_dir}", f"output.dir={tmp_path / 'run2'}", *overrides[3:]]
+    )
+    with pytest.raises(ConfigError, match="no chat template"):
+        run_edit(other)
+    assert not (tmp_path / "run2" / "config.yaml").exists()
