@@ -213,6 +213,6 @@ def test_convert_and_help(tmp_path):
     proc = locft("convert", shared_data("zsre_3k.json"), out, "--limit", "25")
     assert "wrote 25 edits (zsre" in proc.stdout
     assert len(load_edits(out).requests) == 25
-    for command in ("edit", "eval", "apply", "convert", "demo"):
+    for command in ("edit", "eval", "apply", "convert", "demo", "import-gguf"):
         assert "examples:" in locft(command, "--help").stdout
     assert "train.lr" in locft("edit", "--help-config").stdout
