@@ -127,6 +127,7 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, *, progress: bool = 
         tokenizer.save_pretrained(tmp)
         report = ImportReport(**{**asdict(report), "seconds": round(time.perf_counter() - start, 1)})
         (tmp / IMPORT_RECORD).write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
+        _readable(tmp)
         os.rename(tmp, out)  # fails if another process created out meanwhile: never merge two imports
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -135,6 +136,14 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, *, progress: bool = 
         raise
     logger.info("imported %s into %s in %.1fs", source, out, report.seconds)
     return report
+
+
+def _readable(directory: Path) -> None:
+    """Files as the umask allows (safetensors writes 0600 through a temporary file): a model is shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def _load(source: Path, *, progress: bool):

@@ -1,5 +1,6 @@
 """``locft import-gguf`` on tiny GGUF files written here: exact round trip, quantized weights, bad input."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,9 @@ def test_import_round_trips_weights_tokenizer_and_chat_template(gguf_file, origi
     assert report.chat_template and report.num_parameters == sum(p.numel() for p in model.parameters())
     assert (out / "model.safetensors").is_file() and (out / IMPORT_RECORD).is_file()
     assert "quantization_config" not in (out / "config.json").read_text()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~umask}  # not safetensors' 0600
 
     imported = load_model(out)
     expected = model.state_dict()
