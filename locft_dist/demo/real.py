@@ -37,12 +37,14 @@ REAL_PRESET = "smollm2-135m"
 FALLBACK_RECIPE = (
     "locate.layers=[24]",
     "locate.modules=[mlp.down_proj]",
-    "train.lr=2e-3",
-    "train.batch_size=20",
+    "train.lr=5e-3",
+    "train.batch_size=10",
     "train.epochs=15",
 )
-"""Until then: a late layer (cheap on CPU with the frozen-prefix cache) that takes the edits in a few
-epochs; it trades some locality for speed, which the metrics and unrelated generations show."""
+"""Until then: one late down_proj (cheap on CPU with the frozen-prefix cache) that takes all 60 edits in
+15 epochs. On this sample it reaches teacher-forced reliability 1.00, generalization 0.28 and locality
+0.12 (CounterFact's locality probes are same-relation neighbours, which one matrix does not keep apart);
+at lr 2e-3 and batch 20 it keeps locality 0.43 but takes only 0.41 of the edits."""
 
 SAMPLE = "counterfact_sample.jsonl"
 
