@@ -19,6 +19,11 @@ EDIT_EXAMPLES = """examples:
 EVAL_EXAMPLES = """examples:
   locft eval --model demo/base_model --edits demo/edits.jsonl
   locft eval --model demo/base_model --edits demo/edits.jsonl --delta demo/run/delta.safetensors --json m.json
+  locft eval --model ./llama-3-8b --edits zsre.jsonl --delta runs/zsre/delta.safetensors --dtype bfloat16
+  torchrun --nproc_per_node 2 -m locft_dist.cli eval --model ./qwen-72b --edits zsre.jsonl --delta d.st
+
+With --delta, the encoding (target prefix, chat template, max length) and the WILD budget are the run's,
+read from the delta; the encoding flags apply only without a delta. Metrics: docs/metrics.md.
 """
 
 APPLY_EXAMPLES = """examples:
@@ -142,10 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", dest="json_out", help="write the metrics here")
     ev.add_argument("--format", default="auto", help="edit file format (default: auto)")
     ev.add_argument("--limit", type=int, help="evaluate the first N edits")
-    ev.add_argument("--batch-size", type=int, default=64)
-    ev.add_argument("--no-generation", action="store_true", help="skip greedy-generation exact match")
+    ev.add_argument("--batch-size", type=int, default=256, help="probes per batch (default: 256)")
+    ev.add_argument("--no-generation", action="store_true", help="teacher-forced metrics only (no EM, WILD)")
+    ev.add_argument(
+        "--max-new-tokens", type=int, help="WILD decoding budget (default: the delta's run, else 40)"
+    )
     ev.add_argument("--heldout", help="text file for perplexity (one passage per line)")
-    ev.add_argument("--device", default="auto")
+    ev.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (single process)")
+    ev.add_argument("--dtype", default="float32", help="float32 (default) | bfloat16 | float16")
+    ev.add_argument(
+        "--strategy", default="auto", help="auto (FSDP2 under torchrun, else one process) | none | fsdp"
+    )
+    ev.add_argument("--target-prefix", help="string before each answer (default ' '; without --delta)")
+    ev.add_argument("--chat-template", choices=["none", "auto"], help="prompt rendering (without --delta)")
+    ev.add_argument("--max-length", type=int, help="longest probe in tokens (default 256; without --delta)")
 
     ap = sub.add_parser(
         "apply", help="write an edited HF model directory", epilog=APPLY_EXAMPLES, formatter_class=fmt
@@ -233,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
         if not outcome.is_main:
             return 0
         if outcome.metrics is not None:
-            from locft_dist.evaluate import format_metrics_table
+            from locft_dist.eval import format_metrics_table
 
             columns = {"unedited": outcome.metrics_base, "edited": outcome.metrics}
             print(format_metrics_table(columns, title=str(outcome.run_dir)))
@@ -251,8 +266,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {write_preset(args.out, ranked[0])}")
     elif args.command == "eval":
         from locft_dist.edit_job import read_heldout
-        from locft_dist.eval_job import run_eval
+        from locft_dist.eval.job import EncodingFlags, run_eval
+        from locft_dist.runlog import setup_logging
 
+        setup_logging(int(os.environ.get("RANK", "0")) == 0)
         run_eval(
             args.model,
             args.edits,
@@ -262,8 +279,12 @@ def run(args: argparse.Namespace) -> int:
             limit=args.limit,
             batch_size=args.batch_size,
             generation=not args.no_generation,
+            max_new_tokens=args.max_new_tokens,
             heldout=read_heldout(args.heldout),
+            encoding_flags=EncodingFlags(args.target_prefix, args.chat_template, args.max_length),
             device=args.device,
+            dtype=args.dtype,
+            strategy=args.strategy,
         )
     elif args.command == "import-gguf":
         from locft_dist.gguf_import import import_gguf

@@ -170,12 +170,14 @@ class DistConfig:
 class EvalConfig:
     enabled: bool = True
     """Evaluate before and after editing and write metrics.json."""
-    batch_size: int = 64
-    """Probes per forward."""
+    batch_size: int = 256
+    """Probes per batch (one forward, then greedy decoding with the batch's KV cache)."""
     generation: bool = True
-    """Also compute the generation metrics (LocFT exact match, WILD); slower than teacher forcing."""
+    """Also compute the generation metrics (_em and _wild: docs/metrics.md); slower than teacher forcing."""
     max_new_tokens: int = 40
     """WILD: greedy tokens generated per probe at most (cut at the first ".", newline or EOS)."""
+    prefix_reuse_gib: float = 1.0
+    """Host memory for the unedited pass's states below the edited layer, reused after editing (0: off)."""
     limit: int | None = None
     """Evaluate only the first N edits (all by default)."""
     heldout_path: str | None = None
@@ -412,6 +414,8 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"'train.{key}' must be positive; got {value}")
     if len(config.train.betas) != 2 or not all(0 <= b < 1 for b in config.train.betas):
         raise ConfigError(f"'train.betas' must be two numbers in [0, 1); got {config.train.betas}")
+    if config.eval.prefix_reuse_gib < 0:
+        raise ConfigError(f"'eval.prefix_reuse_gib' must be >= 0; got {config.eval.prefix_reuse_gib}")
     for key, value in (("edits.limit", config.edits.limit), ("eval.limit", config.eval.limit)):
         if value is not None and value <= 0:
             raise ConfigError(f"'{key}' must be positive or null; got {value}")

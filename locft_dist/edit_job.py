@@ -21,12 +21,9 @@ from locft_dist.edits import EditRequest, augment
 from locft_dist.edits.encode import EncodedExample, Encoding, encode_pair, encode_pairs, pad_token_id
 from locft_dist.edits.token_cache import TokenizedEdits, default_cache_dir, tokenized_edits
 from locft_dist.errors import ConfigError, EncodingError, RunDirBusyError
-from locft_dist.evaluate import (
-    EditMetrics,
-    compute_reference,
-    evaluate_edits,
-    save_metrics,
-)
+from locft_dist.eval import EditMetrics, save_metrics
+from locft_dist.eval.in_run import RunEvaluation
+from locft_dist.eval.reference import FILE_NAME as REFERENCE_FILE
 from locft_dist.lora import attach_lora, merged_weights
 from locft_dist.model import check_model_dir, load_tokenizer
 from locft_dist.parallel import make_strategy
@@ -127,7 +124,7 @@ def start_run_dir(cfg: RunConfig) -> Path:
     run_dir = Path(cfg.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.output.overwrite:
-        for name in ("delta.safetensors", "metrics.json", "log.jsonl", augment.AUGMENT_FILE):
+        for name in ("delta.safetensors", "metrics.json", "log.jsonl", augment.AUGMENT_FILE, REFERENCE_FILE):
             (run_dir / name).unlink(missing_ok=True)
         clear_checkpoints(run_dir)
     tmp = run_dir / ".config.yaml.tmp"
@@ -221,19 +218,18 @@ def _run_edit(
     )
 
     eval_requests = requests[: cfg.eval.limit] if cfg.eval.limit and requests else requests
-    heldout = read_heldout(cfg.eval.heldout_path)
-    reference = metrics_base = None
-    if cfg.eval.enabled and cfg.edits.chat_template != "none":
-        logger.warning(
-            "edits.chat_template=%s is used for training; this evaluation probes plain-completion prompts",
-            cfg.edits.chat_template,
-        )
+    evaluation = metrics_base = None
     if cfg.eval.enabled:
-        logger.info("evaluating the unedited model on %d edits", len(eval_requests))
-        reference = compute_reference(model, tokenizer, eval_requests, **_eval_kwargs(cfg))
-        metrics_base = evaluate_edits(
-            model, tokenizer, eval_requests, reference, heldout_texts=heldout, **_eval_kwargs(cfg)
+        evaluation = RunEvaluation(
+            cfg,
+            strategy,
+            tokenizer,
+            eval_requests,
+            base_fingerprint=base_fingerprint,
+            heldout_texts=read_heldout(cfg.eval.heldout_path),
+            is_main=strategy.is_main,
         )
+        metrics_base = evaluation.before(model)
         _reshard(model)
 
     train_examples, dataset_fingerprint = augmented_examples(
@@ -277,16 +273,8 @@ def _run_edit(
         logger.info("wrote %s", delta_path)
 
     metrics = None
-    if cfg.eval.enabled:
-        metrics = evaluate_edits(
-            model,
-            tokenizer,
-            eval_requests,
-            reference,
-            heldout_texts=heldout,
-            perplexity_base=metrics_base.perplexity if metrics_base else None,
-            **_eval_kwargs(cfg),
-        )
+    if evaluation is not None:
+        metrics = evaluation.after(model)
         _reshard(model)
         if strategy.is_main:
             save_metrics(run_dir / "metrics.json", _metrics_record(metrics, metrics_base, result))
@@ -346,14 +334,6 @@ def _reshard(model) -> None:
     reshard = getattr(model, "reshard", None)
     if callable(reshard):
         reshard()
-
-
-def _eval_kwargs(cfg: RunConfig) -> dict[str, Any]:
-    return {
-        "batch_size": cfg.eval.batch_size,
-        "generation": cfg.eval.generation,
-        "target_prefix": cfg.edits.target_prefix,
-    }
 
 
 def _metrics_record(metrics: EditMetrics, base: EditMetrics | None, result: TrainResult) -> dict[str, Any]:

@@ -30,9 +30,9 @@ from torch import nn
 from locft_dist.config import RunConfig
 from locft_dist.edit_job import encode_edits
 from locft_dist.edits import EditRequest, load_edits
-from locft_dist.edits.encode import EncodedExample, pad_token_id
+from locft_dist.edits.encode import EncodedExample, Encoding, pad_token_id
 from locft_dist.errors import ConfigError
-from locft_dist.evaluate import EditMetrics, compute_reference, evaluate_edits
+from locft_dist.eval import EditMetrics, EvalSettings, Evaluator
 from locft_dist.locate import Location, freeze_all_but, resolve_location
 from locft_dist.model import check_model_dir, load_model, load_tokenizer
 from locft_dist.parallel.single import SingleProcess
@@ -113,12 +113,14 @@ def search(
     pad_id = pad_token_id(tokenizer)
     model = load_model(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
     model = model.to(strategy.device)
-    eval_kwargs = {
-        "batch_size": cfg.eval.batch_size,
-        "generation": False,
-        "target_prefix": cfg.edits.target_prefix,
-    }
-    reference = compute_reference(model, tokenizer, sample, **eval_kwargs)  # shared by every candidate
+    evaluator = Evaluator(  # probes encoded once; teacher-forced metrics only (generation is slow)
+        tokenizer,
+        sample,
+        encoding=Encoding.from_config(cfg.edits),
+        settings=EvalSettings(batch_size=cfg.eval.batch_size, generation=False),
+        source=cfg.edits.path,
+    )
+    reference, _ = evaluator.unedited(model)  # shared by every candidate
     candidates = [Candidate(layer, module) for layer in layers for module in modules]
     logger.info(
         "locate: %d candidates, %d of %d edits, %d epochs each",
@@ -134,7 +136,7 @@ def search(
         base = {n: params[n].detach().clone() for n in location.parameter_names}
         torch.manual_seed(cfg.train.seed)
         train_candidate(model, location, examples, strategy, search_cfg, pad_id)
-        candidate.metrics = evaluate_edits(model, tokenizer, sample, reference, **eval_kwargs)
+        candidate.metrics = evaluator.edited(model, reference)
         with torch.no_grad():
             for name, tensor in base.items():
                 params[name].copy_(tensor)

@@ -27,8 +27,12 @@ METRICS = (
     "reliability_em",
     "generalization_em",
     "locality_em",
+    "reliability_wild",
+    "generalization_wild",
+    "locality_wild",
     "edit_score_tf",
     "edit_score_em",
+    "edit_score_wild",
 )
 
 

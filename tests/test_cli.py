@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from locft_dist.cli import main
 from locft_dist.edits import load_edits, write_jsonl
-from locft_dist.evaluate import compute_reference, evaluate_edits
+from locft_dist.eval import compute_reference, evaluate_edits
 from tests.conftest import REPO, shared_data
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}

@@ -5,7 +5,7 @@ import pytest
 from locft_dist.config import TrainConfig, load_config
 from locft_dist.edit_job import encode_edits
 from locft_dist.edits.encode import pad_token_id
-from locft_dist.evaluate import compute_reference, evaluate_edits
+from locft_dist.eval import compute_reference, evaluate_edits
 from locft_dist.locate import freeze_all_but, resolve_location
 from locft_dist.model import load_model, load_tokenizer
 from locft_dist.parallel.single import SingleProcess

@@ -29,7 +29,7 @@ from locft_dist.demo.build import build_from_spec
 from locft_dist.demo.run import FULL, QUICK, DemoSettings, editor_overrides
 from locft_dist.edit_job import run_edit
 from locft_dist.edits import write_jsonl
-from locft_dist.evaluate import save_metrics
+from locft_dist.eval import save_metrics
 from locft_dist.runlog import setup_logging
 
 logger = logging.getLogger(__name__)

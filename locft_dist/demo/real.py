@@ -89,15 +89,17 @@ def greedy_answers(
     model, tokenizer, prompts: list[str], encoding: Encoding, *, max_new_tokens: int = 12
 ) -> list[str]:
     """Greedy continuations of the prompts as ``encoding`` renders them, cut at the first "." or newline."""
-    from locft_dist.eval_generation import cut_at_stop, greedy_generate
+    from locft_dist.eval.generate import greedy_generate, model_eos_ids, stop_tokens
+    from locft_dist.eval.metrics import cut_at_stop
 
     ids = render_prompt(tokenizer, prompts, encoding)
+    eos_ids = [i for i in (tokenizer.eos_token_id, *model_eos_ids(model)) if i is not None]
     rows = greedy_generate(
         model,
         ids,
         max_new_tokens=max_new_tokens,
         pad_id=pad_token_id(tokenizer),
-        eos_id=tokenizer.eos_token_id,
+        stop=stop_tokens(tokenizer, model.config.vocab_size, eos_ids),
         device=next(model.parameters()).device,
     )
     return [cut_at_stop(tokenizer.decode(row, skip_special_tokens=True)).strip() for row in rows]
@@ -105,7 +107,7 @@ def greedy_answers(
 
 def metrics_table(run_dir: Path, title: str) -> str:
     """The run's metrics (unedited vs edited) as the evaluation module formats them."""
-    from locft_dist.evaluate import format_metrics_table
+    from locft_dist.eval import format_metrics_table
 
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     return format_metrics_table({"unedited": metrics["unedited"], "edited": metrics["edited"]}, title=title)

@@ -19,7 +19,7 @@ from locft_dist.demo.build import QUICK as QUICK_WORLD
 from locft_dist.demo.build import DemoSpec, build_from_spec
 from locft_dist.edit_job import run_edit
 from locft_dist.edits import write_jsonl
-from locft_dist.evaluate import format_metrics_table, save_metrics
+from locft_dist.eval import format_metrics_table, save_metrics
 from locft_dist.runlog import setup_logging
 
 logger = logging.getLogger(__name__)

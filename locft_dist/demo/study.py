@@ -23,7 +23,7 @@ from locft_dist.config import load_config
 from locft_dist.demo.build import FULL, build_from_spec
 from locft_dist.edit_job import run_edit
 from locft_dist.edits import load_edits, write_jsonl
-from locft_dist.evaluate import EditMetrics, compute_reference, evaluate_edits
+from locft_dist.eval import EditMetrics, compute_reference, evaluate_edits
 from locft_dist.locate import resolve_location
 from locft_dist.model import load_model, load_tokenizer
 from locft_dist.reference_loop import run_reference_loop

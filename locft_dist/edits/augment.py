@@ -35,7 +35,7 @@ from locft_dist.edits.encode import (
 )
 from locft_dist.edits.schema import EditRequest
 from locft_dist.errors import EditDataError
-from locft_dist.eval_generation import eval_mode, model_device
+from locft_dist.eval.passes import eval_mode, model_device
 
 logger = logging.getLogger(__name__)
 

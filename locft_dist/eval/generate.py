@@ -1,0 +1,246 @@
+"""Greedy decoding for evaluation: KV cache, stop as soon as every row has stopped, ranks in step.
+
+An own loop rather than ``model.generate``: it ignores whatever sampling or repetition settings a
+checkpoint's ``generation_config`` carries, continues from a cache that the teacher-forced forward already
+filled, passes explicit position ids so a left-padded row decodes exactly as it would alone, and keeps
+sharded ranks in step (FSDP2 and ZeRO-3 need every rank in every forward): the ranks agree after each step
+whether any row anywhere is still decoding, and a rank with nothing left runs a one-token forward.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from locft_dist.eval.metrics import STOP_STRINGS
+
+
+class Ranks(Protocol):
+    """What evaluation needs of a Strategy: its rank, world size and two reductions."""
+
+    rank: int
+    world_size: int
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+
+class OneProcess:
+    """``Ranks`` of a single process: reductions are the identity."""
+
+    rank = 0
+    world_size = 1
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
+def any_rank(ranks: Ranks, flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any rank (no communication in one process)."""
+    if ranks.world_size == 1:
+        return flag
+    return bool(ranks.all_reduce_max(torch.tensor([int(flag)], device=device)).item())
+
+
+def max_over_ranks(ranks: Ranks, value: int, device: torch.device) -> int:
+    if ranks.world_size == 1:
+        return value
+    return int(ranks.all_reduce_max(torch.tensor([value], dtype=torch.long, device=device)).item())
+
+
+def _forward_parameters(model: nn.Module) -> Mapping[str, inspect.Parameter]:
+    inner = getattr(model, "module", model)  # a DeepSpeed engine forwards to its module
+    try:
+        return inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+
+
+def cache_keyword(model: nn.Module) -> str | None:
+    """The forward's KV-cache argument: ``cache`` (transformers >= 5.2x) or ``past_key_values`` (older)."""
+    parameters = _forward_parameters(model)
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    return None
+
+
+def accepts_position_ids(model: nn.Module) -> bool:
+    """HF causal LMs take ``position_ids``; a forward with ``**kwargs`` (wrappers) is given them too."""
+    parameters = _forward_parameters(model)
+    if not parameters:
+        return True
+    return "position_ids" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
+
+
+def output_cache(outputs: Any) -> Any:
+    """The KV cache a forward returned (``cache`` or, on older transformers, ``past_key_values``)."""
+    for name in ("cache", "past_key_values"):
+        value = outputs.get(name) if isinstance(outputs, Mapping) else getattr(outputs, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def stop_tokens(tokenizer, vocab_size: int, eos_ids: Sequence[int] = ()) -> torch.Tensor:
+    """``[vocab_size]`` booleans: the tokens that end a generation (EOS, or any token whose text holds a
+    stop string). Decoding stops there; the text itself is cut by ``cut_at_stop``, so this only decides
+    when nothing more can change the result."""
+    size = min(vocab_size, len(tokenizer))
+    texts = tokenizer.batch_decode([[i] for i in range(size)], skip_special_tokens=False)
+    stop = torch.zeros(vocab_size, dtype=torch.bool)
+    stop[:size] = torch.tensor([any(s in t for s in STOP_STRINGS) for t in texts], dtype=torch.bool)
+    for eos in {tokenizer.eos_token_id, *eos_ids} - {None}:
+        if 0 <= int(eos) < vocab_size:
+            stop[int(eos)] = True
+    return stop
+
+
+def model_eos_ids(model: nn.Module) -> list[int]:
+    """EOS ids the model's generation config names (some chat models end turns with several)."""
+    config = getattr(getattr(model, "module", model), "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def _idle_forward(model: nn.Module, pad_id: int, device: torch.device) -> None:
+    """A one-token forward, so that a rank with nothing to decode joins the others' collectives."""
+    ids = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=1)
+
+
+@torch.no_grad()
+def decode(
+    model: nn.Module,
+    first: torch.Tensor | None,
+    *,
+    cache: Any,
+    prompt_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    limits: Sequence[int],
+    stop: torch.Tensor,
+    pad_id: int,
+    ranks: Ranks,
+    device: torch.device,
+    decided: Callable[[int, list[int]], bool] | None = None,
+) -> list[list[int]]:
+    """Continue greedy decoding after ``first`` (the token each row predicted after its left-padded
+    prompt ``prompt_ids``/``attention_mask``), reusing ``cache`` (the prompt's KV cache; None: re-run the
+    whole sequence each step). Row ``r`` ends at a stop token, after ``limits[r]`` tokens, or once
+    ``decided(r, tokens)`` says its result cannot change any more; the result is each row's tokens.
+
+    Ended rows leave the batch (and the cache) as soon as a tenth of it has ended, so a batch costs what
+    its live rows cost. ``first`` is None on a rank with no batch here: it joins each step idly.
+    """
+    if first is None:
+        while any_rank(ranks, False, device):
+            _idle_forward(model, pad_id, device)
+        return []
+    is_stop = stop.tolist()
+    out = [[token] for token in first.tolist()]
+
+    def ended(row: int) -> bool:
+        tokens = out[row]
+        return (
+            is_stop[tokens[-1]]
+            or len(tokens) >= limits[row]
+            or (decided is not None and decided(row, tokens))
+        )
+
+    rows = list(range(len(out)))  # batch position -> original row (-1: ended, not yet dropped)
+    mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+    all_ids = torch.cat([prompt_ids, first[:, None]], dim=1)
+    step_ids = first[:, None]
+    step_positions = attention_mask.sum(dim=1, keepdim=True)  # the first token sits at the prompt's length
+    keyword, use_positions = cache_keyword(model), accepts_position_ids(model)
+    if cache is not None and keyword is None:
+        cache = None
+    rows = [r if not ended(r) else -1 for r in rows]
+    while True:
+        live = [i for i, r in enumerate(rows) if r >= 0]
+        if not any_rank(ranks, bool(live), device):
+            break
+        if not live:
+            _idle_forward(model, pad_id, device)
+            continue
+        if len(live) <= 0.9 * len(rows):  # drop the ended rows from the batch and the cache
+            index = torch.tensor(live, device=device)
+            rows = [rows[i] for i in live]
+            mask, all_ids, step_ids, step_positions = (
+                t[index] for t in (mask, all_ids, step_ids, step_positions)
+            )
+            if cache is not None:
+                cache.batch_select_indices(index)
+        kwargs: dict[str, Any] = {"attention_mask": mask, "use_cache": cache is not None, "logits_to_keep": 1}
+        if cache is not None:
+            kwargs[keyword] = cache
+        else:
+            step_ids = all_ids
+            step_positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
+        if use_positions:
+            kwargs["position_ids"] = step_positions
+        token = model(input_ids=step_ids, **kwargs).logits[:, -1, :].argmax(dim=-1)
+        for position, value in enumerate(token.tolist()):
+            row = rows[position]
+            if row >= 0:
+                out[row].append(value)
+                if ended(row):
+                    rows[position] = -1
+        all_ids = torch.cat([all_ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        step_ids, step_positions = token[:, None], step_positions[:, -1:] + 1
+    return out
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    pad_id: int,
+    stop: torch.Tensor,
+    device: torch.device | str = "cpu",
+) -> list[list[int]]:
+    """Greedy continuations of a batch of prompt ids, up to ``max_new_tokens`` or the first stop token
+    (kept in the result). Prompts are left-padded; position ids count real tokens only."""
+    if not prompts or max_new_tokens < 1:
+        return [[] for _ in prompts]
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("greedy_generate needs at least one prompt token per row")
+    device = torch.device(device)
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": True, "logits_to_keep": 1}
+    if accepts_position_ids(model):
+        kwargs["position_ids"] = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)
+    outputs = model(input_ids=input_ids, **kwargs)
+    return decode(
+        model,
+        outputs.logits[:, -1, :].argmax(dim=-1),
+        cache=output_cache(outputs) if cache_keyword(model) else None,
+        prompt_ids=input_ids,
+        attention_mask=attention_mask,
+        limits=[max_new_tokens] * len(prompts),
+        stop=stop,
+        pad_id=pad_id,
+        ranks=OneProcess(),
+        device=device,
+    )

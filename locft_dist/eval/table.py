@@ -1,0 +1,98 @@
+"""The printed metrics table and metrics.json: the same metric names in every command."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from locft_dist.eval.metrics import EditMetrics
+
+TABLE_ROWS = (
+    ("Reliability TF", "reliability_tf"),
+    ("Generalization TF", "generalization_tf"),
+    ("Locality TF", "locality_tf"),
+    ("Edit score TF", "edit_score_tf"),
+    ("Reliability EM", "reliability_em"),
+    ("Generalization EM", "generalization_em"),
+    ("Locality EM", "locality_em"),
+    ("Edit score EM", "edit_score_em"),
+    ("Reliability WILD", "reliability_wild"),
+    ("Generalization WILD", "generalization_wild"),
+    ("Locality WILD", "locality_wild"),
+    ("Edit score WILD", "edit_score_wild"),
+    ("Perplexity", "perplexity"),
+    ("Perplexity (base)", "perplexity_base"),
+    ("Edits", "num_edits"),
+    ("Rephrase probes", "num_rephrases"),
+    ("Locality probes", "num_locality"),
+)
+"""(label, metrics.json key): TF = teacher-forced (EasyEdit), EM = greedy exact match with a budget of the
+answer's length + 3 tokens, WILD = greedy up to eval.max_new_tokens (see docs/metrics.md)."""
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def format_metrics_table(columns: dict[str, EditMetrics | dict[str, Any]], title: str | None = None) -> str:
+    """A fixed-width table, one row per metric and one column per run, for logs and the demo."""
+    dicts = {
+        name: m.to_dict() if isinstance(m, EditMetrics) else dict(m or {}) for name, m in columns.items()
+    }
+    header = ["metric", *dicts]
+    rows = [[label, *(_format_value(d.get(key)) for d in dicts.values())] for label, key in TABLE_ROWS]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        return "  ".join([first, *(c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))])
+
+    rule = "-" * len(line(header))
+    lines = ([title] if title else []) + [line(header), rule, *(line(r) for r in rows)]
+    return "\n".join(lines)
+
+
+def check_writable(path: str | Path) -> Path:
+    """Fail now, not after an hour of evaluation, if ``path`` cannot be written (creates its directory)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OSError(f"{path} is a directory; give a file name for the metrics")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".check")
+    os.close(fd)
+    os.unlink(probe)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise PermissionError(f"{path} exists and is not writable")
+    return path
+
+
+def save_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
+    """Write metrics as JSON atomically (temp file + rename): a killed job never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def default(value: Any) -> Any:
+        if isinstance(value, EditMetrics):
+            return value.to_dict()
+        raise TypeError(f"cannot write {type(value).__name__} to metrics JSON")
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(metrics, f, indent=2, sort_keys=True, default=default)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; metrics are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
