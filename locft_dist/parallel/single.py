@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -53,6 +55,12 @@ class SingleProcess(TorchOptimizer):
 
     def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def broadcast_object(self, obj: Any) -> Any:
+        return obj
 
     def gather_trainable(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return {
