@@ -31,16 +31,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from locft_dist.errors import StorageError
 from locft_dist.sampler import SamplerState
@@ -53,10 +44,22 @@ EXIT_PREEMPTED = 75
 FORMAT = "locft-checkpoint/1"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _REQUIRED_FILES = (".metadata", "train_state.json")
-# Sharded (per-rank) state dicts of the trainable parameters only; frozen weights come from the base model.
-_SAVE_OPTIONS = StateDictOptions(ignore_frozen_params=True)
-# Loading: frozen params are legitimately absent; we check that nothing else is (see _check_incompatible).
-_LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def _dcp() -> Any:
+    """``torch.distributed.checkpoint``, imported on first use: it pulls in DTensor's ops and sympy, seconds
+    of start-up that a run which never saves or resumes does not pay."""
+    import torch.distributed.checkpoint as dcp
+    import torch.distributed.checkpoint.state_dict  # noqa: F401  (dcp.state_dict below)
+
+    return dcp
+
+
+def _options(*, load: bool) -> Any:
+    """Sharded (per-rank) state dicts of the trainable parameters only; frozen weights come from the base
+    model. Loading: frozen params are legitimately absent; we check that nothing else is
+    (see _check_incompatible)."""
+    return _dcp().state_dict.StateDictOptions(ignore_frozen_params=True, strict=not load)
 
 
 class PreemptionFlag:
@@ -232,6 +235,8 @@ class CheckpointManager:
         self.world_size = world_size
         self.barrier = barrier
         self.state_io = state_io
+        self._verified: set[tuple[Path, int, int]] = set()
+        """Checkpoints this process wrote or verified, by (path, manifest mtime, size): not hashed again."""
 
     @property
     def _no_dist(self) -> bool:
@@ -274,16 +279,18 @@ class CheckpointManager:
                 ]
         else:
             has_optimizer_state = bool(optimizer.state)
-            tensors = {"model": get_model_state_dict(model, options=_SAVE_OPTIONS)}
+            tensors = {"model": _dcp().state_dict.get_model_state_dict(model, options=_options(load=False))}
             if has_optimizer_state:
-                optim_sd = get_optimizer_state_dict(model, optimizer, options=_SAVE_OPTIONS)
+                optim_sd = _dcp().state_dict.get_optimizer_state_dict(
+                    model, optimizer, options=_options(load=False)
+                )
                 tensors["optim"] = {"state": optim_sd["state"]}
                 groups = [
                     {k: _jsonable(v) for k, v in g.items() if k != "params"} for g in optim_sd["param_groups"]
                 ]
         try:
             self._write(tmp, final, step, tensors, state, has_optimizer_state, groups)
-        except (OSError, RuntimeError, CheckpointException) as err:
+        except (OSError, RuntimeError, _dcp().api.CheckpointException) as err:
             raise self._write_failed(tmp, step, err) from None
         self.barrier()
         return final
@@ -299,7 +306,7 @@ class CheckpointManager:
         groups: list[dict],
     ) -> None:
         """DCP shards, then the train state, then (rank 0) the manifest and the rename."""
-        self._dcp(dcp.save, tensors, tmp)
+        self._dcp(_dcp().save, tensors, tmp)
         if self.rank == 0:
             state = dataclasses.replace(state, step=step, world_size=self.world_size, rng=capture_rng())
             payload = {
@@ -323,13 +330,14 @@ class CheckpointManager:
             fd = os.open(self.dir, os.O_RDONLY)  # make the rename durable before deleting older checkpoints
             os.fsync(fd)
             os.close(fd)
+            self._remember_verified(final)  # its manifest was just computed from the files themselves
             self._prune(final)
             logger.info("saved checkpoint %s", final)
 
     def _write_failed(self, tmp: Path, step: int, err: BaseException) -> StorageError:
         """Drop the partial ``.tmp`` directory (freeing its space); older checkpoints stay untouched."""
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, CheckpointException):
+        if isinstance(err, _dcp().api.CheckpointException):
             causes = [f[0] if isinstance(f, tuple) else f for f in err.failures.values()]
             err = causes[0] if causes else err
         kept = next((str(p) for _, p in self.step_dirs() if verify(p) is None), None)
@@ -349,13 +357,36 @@ class CheckpointManager:
             logger.info("removing incomplete checkpoint %s", path)
             shutil.rmtree(path, ignore_errors=True)
 
+    def _manifest_key(self, path: Path) -> tuple[Path, int, int] | None:
+        try:
+            stat = (path / "manifest.json").stat()
+        except OSError:
+            return None
+        return (path, stat.st_mtime_ns, stat.st_size)
+
+    def _remember_verified(self, path: Path) -> None:
+        key = self._manifest_key(path)
+        if key is not None:
+            self._verified.add(key)
+
+    def _verify(self, path: Path) -> str | None:
+        """``verify``, hashing each checkpoint at most once per process: the checkpoints kept from earlier
+        saves are not re-read on every save (a changed manifest is verified again)."""
+        key = self._manifest_key(path)
+        if key is not None and key in self._verified:
+            return None
+        reason = verify(path)
+        if reason is None and key is not None:
+            self._verified.add(key)
+        return reason
+
     def _prune(self, newest: Path) -> None:
         """Keep ``newest`` and the ``keep_last - 1`` newest other valid checkpoints; delete the rest."""
         kept = 1
         for _, path in self.step_dirs():
             if path == newest:
                 continue
-            reason = verify(path) if kept < self.keep_last else "older than keep_last"
+            reason = self._verify(path) if kept < self.keep_last else "older than keep_last"
             if reason is None:
                 kept += 1
             else:
@@ -363,8 +394,10 @@ class CheckpointManager:
                 shutil.rmtree(path, ignore_errors=True)
 
     def _newest_valid_local(self) -> Path | None:
+        """Resume: every candidate is hashed in full, whatever this process saw before."""
         for _, path in self.step_dirs():
             if (reason := verify(path)) is None:
+                self._remember_verified(path)
                 return path
             logger.warning("skipping checkpoint %s: %s", path, reason)
         return None
@@ -389,26 +422,35 @@ class CheckpointManager:
         if self.state_io is not None:
             tensors = self.state_io.checkpoint_template(model, payload["has_optimizer_state"])
             _check_keys(path, tensors)
-            self._dcp(dcp.load, tensors, path)
+            self._dcp(_dcp().load, tensors, path)
             self.state_io.load_checkpoint_tensors(model, optimizer, tensors)
             if payload["has_optimizer_state"]:
                 _restore_param_groups(optimizer.param_groups, payload["optimizer_param_groups"], path)
             return self._loaded(path, payload)
         optimizer.zero_grad(set_to_none=True)  # so get_optimizer_state_dict fills in a complete template
-        tensors: dict[str, Any] = {"model": get_model_state_dict(model, options=_SAVE_OPTIONS)}
+        tensors: dict[str, Any] = {
+            "model": _dcp().state_dict.get_model_state_dict(model, options=_options(load=False))
+        }
         optim_sd = None
         if payload["has_optimizer_state"]:
-            optim_sd = get_optimizer_state_dict(model, optimizer, options=_SAVE_OPTIONS)
+            optim_sd = _dcp().state_dict.get_optimizer_state_dict(
+                model, optimizer, options=_options(load=False)
+            )
             tensors["optim"] = {"state": optim_sd["state"]}
         else:
             optimizer.state.clear()
         _check_keys(path, tensors)
-        self._dcp(dcp.load, tensors, path)  # fills the templates in place, reading only this rank's shards
-        _check_incompatible(model, set_model_state_dict(model, tensors["model"], options=_LOAD_OPTIONS))
+        self._dcp(_dcp().load, tensors, path)  # fills the templates in place, reading only this rank's shards
+        _check_incompatible(
+            model,
+            _dcp().state_dict.set_model_state_dict(model, tensors["model"], options=_options(load=True)),
+        )
         if optim_sd is not None:
             optim_sd = {"state": tensors["optim"]["state"], "param_groups": optim_sd["param_groups"]}
             _restore_param_groups(optim_sd["param_groups"], payload["optimizer_param_groups"], path)
-            set_optimizer_state_dict(model, optimizer, optim_sd, options=_LOAD_OPTIONS)
+            _dcp().state_dict.set_optimizer_state_dict(
+                model, optimizer, optim_sd, options=_options(load=True)
+            )
         return self._loaded(path, payload)
 
     def _loaded(self, path: Path, payload: dict) -> TrainState:
@@ -428,7 +470,7 @@ def _flat_keys(tree: dict, prefix: str = "") -> set[str]:
 
 def _check_keys(path: Path, tensors: dict) -> None:
     """Refuse, with names, a checkpoint of other trainable parameters than this run's (e.g. other layers)."""
-    saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    saved = set(_dcp().FileSystemReader(str(path)).read_metadata().state_dict_metadata)
     wanted = _flat_keys(tensors)
     if saved != wanted:
         raise ValueError(

@@ -52,6 +52,7 @@ BENCH_EXAMPLES = """examples:
   locft bench                        # tiny 8-layer Llama on CPU, editing the last layer's down_proj
   locft bench --layer 4              # a middle layer
   locft bench --device cuda --shape llama3-8b --dtype bfloat16 --layer 22 --num-edits 2000 --batch-size 100
+  locft bench --model DIR --num-edits 200 --epochs 5 # a real model directory, its last layer
 """
 
 REPORT_EXAMPLES = """examples:
@@ -196,7 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     be.add_argument("--device", default="cpu", help="cpu (default) | cuda | cuda:N")
-    be.add_argument("--shape", default="tiny", help="tiny | llama3-8b | qwen2.5-72b (random init)")
+    be.add_argument(
+        "--shape", default="tiny", help="tiny | llama3-8b | qwen2.5-72b | smollm2-135m (random init)"
+    )
+    be.add_argument("--model", dest="model_dir", help="a Hugging Face model directory instead of --shape")
+    be.add_argument("--edits", help="with --model: an edit file to encode instead of random tokens")
     be.add_argument("--num-layers", type=int, help="keep only this many decoder layers of the shape")
     be.add_argument("--layer", type=int, default=-1, help="decoder layer to edit (default: -1, the last)")
     be.add_argument("--modules", nargs="+", default=["mlp.down_proj"], help="modules of that layer")
@@ -311,6 +316,8 @@ def run(args: argparse.Namespace) -> int:
             lr=args.lr,
             seed=args.seed,
             naive=not args.no_naive,
+            model_dir=args.model_dir,
+            edits=args.edits,
         )
         if args.micro_batch_tokens is not None:
             bench.micro_batch_tokens = args.micro_batch_tokens

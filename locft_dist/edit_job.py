@@ -193,8 +193,10 @@ def _run_edit(
     trainable = strategy.trainable_parameters(model)
     edited_names = list(location.parameter_names) if cfg.lora.rank else [n for n, _ in trainable]
     # The base as stored on disk (not as loaded in model.dtype): what `locft apply` will add the delta to.
-    base_tensors = read_base_tensors(cfg.model.path, edited_names)
-    base_fingerprint = fingerprint_tensors(base_tensors)
+    # The main rank reads and hashes it; the others get the hash (they write nothing that needs the tensors).
+    base_fingerprint = strategy.broadcast_object(
+        fingerprint_tensors(read_base_tensors(cfg.model.path, edited_names)) if strategy.is_main else None
+    )
     logger.info(
         "tuning %d tensors (%.2fM parameters) at layers %s: %s",
         len(trainable),
@@ -264,7 +266,7 @@ def _run_edit(
     if strategy.is_main:
         write_delta(
             delta_path,
-            compute_delta(edited, base_tensors),
+            compute_delta(edited, read_base_tensors(cfg.model.path, edited_names)),
             base_model=str(cfg.model.path),
             base_fingerprint=base_fingerprint,
             config_json=cfg.to_json(),
@@ -314,6 +316,7 @@ def augmented_examples(
         edits_fingerprint=fingerprint,
         base_fingerprint=base_fingerprint,
         write=strategy.is_main,
+        shard=strategy,
     )
     _reshard(model)
     run_log.event("augment", paraphrases=extra.num_paraphrases, locality=extra.num_locality, key=extra.key)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from locft_dist.checkpoint import EXIT_PREEMPTED, CheckpointManager, PreemptionFlag, TensorStateIO, TrainState
@@ -79,6 +81,9 @@ def train_resumable(
     flag = PreemptionFlag()
     flag.install()
     every = cfg.output.checkpoint_every
+    min_seconds = cfg.output.checkpoint_min_minutes * 60
+    last_save = time.monotonic()
+    final_step = sampler.steps_per_epoch * cfg.train.epochs
     memory_logged = False
 
     def save(step: int) -> Path:
@@ -95,7 +100,9 @@ def train_resumable(
                 }
             },
         )
+        nonlocal last_save
         path = manager.save(step, model, optimizer, state)
+        last_save = time.monotonic()
         run_log.event("checkpoint", step=step, path=str(path))
         return path
 
@@ -116,7 +123,13 @@ def train_resumable(
         if epoch_end:
             label = f"at the end of epoch {sampler.epoch - 1}"
             run_log.event("peak_memory", step=step, **log_memory(label, strategy.device))
-        if stop or (every and step % every == 0) or (not every and epoch_end):
+        # Epoch-end saves are spaced by checkpoint_min_minutes and skipped after the last step, where the
+        # delta is written next and a rerun finds the run finished. Saving is collective: ranks agree.
+        epoch_save = False
+        if not every and epoch_end and step < final_step:
+            due = torch.tensor([float(time.monotonic() - last_save >= min_seconds)])
+            epoch_save = bool(strategy.all_reduce_max(due).item())
+        if stop or (every and step % every == 0) or epoch_save:
             path = save(step)
             if stop:
                 logger.warning(

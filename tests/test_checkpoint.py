@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from conftest import make_random_llama
 from dist_workers import checkpoint_worker as worker
 
+from locft_dist import checkpoint
 from locft_dist.checkpoint import CheckpointManager, PreemptionFlag, TrainState
 from locft_dist.sampler import BreadthFirstSampler
 
@@ -135,6 +136,17 @@ def test_keep_last(tmp_path):
     assert [step for step, _ in mgr.step_dirs()] == [4, 3]
 
 
+def test_kept_checkpoints_are_not_hashed_again_on_every_save(tmp_path, monkeypatch):
+    """Each checkpoint's files are hashed once, when written: later saves do not re-read the kept ones."""
+    hashed: list[str] = []
+    real = checkpoint._sha256
+    monkeypatch.setattr(checkpoint, "_sha256", lambda path: hashed.append(path.parent.name) or real(path))
+    _save_steps(tmp_path, range(1, 6), keep_last=3)
+    per_step = {name: hashed.count(name) for name in set(hashed)}
+    assert set(per_step) == {f".step-{step}.tmp" for step in range(1, 6)}, per_step  # only at writing
+    assert len(set(per_step.values())) == 1, per_step  # the same number of files each, hashed once
+
+
 def _damage(path, how: str) -> None:
     data = next(path.glob("*.distcp"))
     if how == "bitflip":
@@ -218,3 +230,36 @@ def test_two_ranks_fsdp_save_and_reshard_both_ways(tmp_path, monkeypatch):
     torch.save(worker.full_state(model, optimizer), tmp_path / "saved1.pt")
 
     _spawn("resume", run2, tmp_path)
+
+
+@pytest.mark.parametrize(("min_minutes", "expected"), [(10.0, []), (0.0, [3, 6])])
+def test_epoch_end_checkpoints_are_spaced_and_none_follows_the_last_step(
+    tmp_path, tiny_tokenizer, min_minutes, expected
+):
+    """The default policy: an epoch-end save only when the last one is old enough, never after the last
+    step (the delta is written next). A short run writes none; min 0 saves every epoch but the last."""
+    from locft_dist.config import load_config
+    from locft_dist.parallel.single import SingleProcess
+    from locft_dist.resumable import train_resumable
+    from locft_dist.runlog import RunLog
+    from tests.test_trainer import examples_for, setup
+
+    cfg = load_config(
+        None,
+        [
+            "train.epochs=3",
+            "train.batch_size=4",
+            "train.progress=false",
+            "train.early_stop_loss=null",
+            f"output.checkpoint_min_minutes={min_minutes}",
+            f"output.dir={tmp_path}",
+        ],
+    )
+    model, _ = setup(tiny_tokenizer)
+    examples = examples_for(tiny_tokenizer)  # 12 edits: 3 steps an epoch
+    result = train_resumable(
+        cfg, SingleProcess("cpu"), model, examples, 0, dataset_fingerprint="f", run_log=RunLog(None)
+    )
+    assert result.num_steps == 9
+    steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert steps == expected[-cfg.output.keep_last :]

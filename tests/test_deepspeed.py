@@ -30,6 +30,7 @@ from tests.conftest import REPO
 from tests.test_distributed import (
     ENV,
     EPOCHS,
+    KILL_BY,
     NUM_EDITS,
     delta,
     edit_args,
@@ -171,7 +172,7 @@ def test_optimizer_state_only_for_the_localized_parameters(setup):
 def test_sigkill_mid_epoch_then_rerun_is_bitwise_identical(setup):
     run_dir = setup["tmp"] / "killed"
     args = [*setup["args"], *ZERO3]
-    kill_at = random.Random(os.getpid()).randint(6, 5 * EPOCHS - 4)
+    kill_at = random.Random(os.getpid()).randint(6, KILL_BY)
     proc = start(2, run_dir, args)
     wait_for_step(run_dir, kill_at, proc)
     kill9(proc)
