@@ -14,13 +14,10 @@ evaluation can add the pairs across ranks before dividing; this module itself ne
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -29,6 +26,7 @@ from typing import Any
 
 import torch
 
+from locft_dist import outputs
 from locft_dist.edits.encode import IGNORE_INDEX, EncodedExample, collate, encode_pair, pad_token_id
 from locft_dist.edits.schema import EditRequest
 from locft_dist.eval_generation import (
@@ -441,16 +439,4 @@ def save_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
             return value.to_json()
         raise TypeError(f"cannot write {type(value).__name__} to metrics JSON")
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(metrics, f, indent=2, sort_keys=True, default=default)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; metrics are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    outputs.write_text(path, json.dumps(metrics, indent=2, sort_keys=True, default=default) + "\n")
