@@ -184,13 +184,14 @@ class EvalConfig:
 @dataclass(kw_only=True)
 class OutputConfig:
     dir: str = "runs/locft"
-    """Run directory: config.yaml, delta.safetensors, metrics.json, log.jsonl, checkpoints/."""
+    """Run directory: config.yaml, run.json, delta.safetensors, metrics.json, log.jsonl, checkpoints/."""
     checkpoint_every: int = 0
     """Save a resumable checkpoint every N optimizer steps (0: only at the end of each epoch)."""
     keep_last: int = 2
     """Checkpoints to keep."""
     overwrite: bool = False
-    """Start afresh even if the run directory holds a finished run or checkpoints."""
+    """Replace a run directory that holds another run (deleting its checkpoints). The same run is continued
+    either way (resume is exact), so a requeued command with overwrite=true resumes."""
 
 
 @dataclass(kw_only=True)

@@ -231,7 +231,8 @@ def apply_delta_to_dir(model_dir: str | Path, delta_path: str | Path, out_dir: s
             for key, name in keys.items():
                 base = tensors[key]
                 tensors[key] = (base.float() + delta.tensors[name]).to(base.dtype).contiguous()
-            save_file(tensors, str(tmp / shard), metadata=shard_meta)
+            with outputs.atomic_path(tmp / shard) as part:  # safetensors alone would create it 0600
+                save_file(tensors, str(part), metadata=shard_meta)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -186,10 +186,8 @@ def compare(
         for name in ("model", "edits"):
             old, new = getattr(previous_identity, name), getattr(identity, name)
             if old != new:
-                where = current.get(f"{name}.path")
-                result.refused.append(
-                    (f"{name} content ({where})", f"fingerprint {old}", f"fingerprint {new}")
-                )
+                where = f" ({current[f'{name}.path']})" if current.get(f"{name}.path") else ""
+                result.refused.append((f"{name} content{where}", f"fingerprint {old}", f"fingerprint {new}"))
     return result
 
 
