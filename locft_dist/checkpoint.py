@@ -251,7 +251,7 @@ class CheckpointManager:
                 ]
         else:
             has_optimizer_state = bool(optimizer.state)
-            tensors = {"model": get_model_state_dict(model, options=_SAVE_OPTIONS)}
+            tensors = {"model": _trainable_state_dict(model)}
             if has_optimizer_state:
                 optim_sd = get_optimizer_state_dict(model, optimizer, options=_SAVE_OPTIONS)
                 tensors["optim"] = {"state": optim_sd["state"]}
@@ -372,7 +372,7 @@ class CheckpointManager:
                 _restore_param_groups(optimizer.param_groups, payload["optimizer_param_groups"], path)
             return self._loaded(path, payload)
         optimizer.zero_grad(set_to_none=True)  # so get_optimizer_state_dict fills in a complete template
-        tensors: dict[str, Any] = {"model": get_model_state_dict(model, options=_SAVE_OPTIONS)}
+        tensors: dict[str, Any] = {"model": _trainable_state_dict(model)}
         optim_sd = None
         if payload["has_optimizer_state"]:
             optim_sd = get_optimizer_state_dict(model, optimizer, options=_SAVE_OPTIONS)
@@ -393,6 +393,13 @@ class CheckpointManager:
         restore_rng(state.rng)
         logger.info("resumed from %s (step %d, saved on %d ranks)", path, state.step, state.world_size)
         return state
+
+
+def _trainable_state_dict(model: nn.Module) -> dict[str, Any]:
+    """The trainable parameters' (sharded) state dict. ``ignore_frozen_params`` misses a frozen alias of a
+    tied weight (``lm_head.weight`` when tied to the embedding is no named parameter): dropped here."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in get_model_state_dict(model, options=_SAVE_OPTIONS).items() if k in trainable}
 
 
 def _flat_keys(tree: dict, prefix: str = "") -> set[str]:

@@ -91,13 +91,19 @@ def test_ctrl_c_saves_at_the_next_step_and_the_rerun_resumes(setup):
 
 
 def test_a_second_ctrl_c_stops_at_once(setup, world_model):
-    """Steps of ~1 s (400 edits a step, one per micro-batch): the second Ctrl-C lands before the next one."""
+    """Steps of seconds (70 edits and 4 pseudo-paraphrases each, one example per forward/backward, no prefix
+    cache): the second Ctrl-C lands long before the step boundary where the first one would save."""
     many = setup["tmp"] / "many.jsonl"
-    write_jsonl(world_model.world.make_edits(400, seed=3), many)
+    write_jsonl(world_model.world.make_edits(70, seed=3), many)
     run_dir = setup["tmp"] / "ctrl_c_twice"
     args = [a for a in setup["quiet"] if not a.startswith(("edits.path", "train.batch_size"))]
-    args += [f"edits.path={many}", "train.batch_size=400", "train.micro_batch_size=1"]
-    args += ["output.checkpoint_every=0", "train.epochs=50"]
+    args += [
+        f"edits.path={many}",
+        "augment.paraphrases=4",
+        "train.batch_size=350",
+        "train.micro_batch_size=1",
+    ]
+    args += ["train.prefix_cache=false", "output.checkpoint_every=0", "train.epochs=50"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "locft_dist", "edit", *args, f"output.dir={run_dir}"],
         stderr=subprocess.PIPE,
