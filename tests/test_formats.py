@@ -201,7 +201,8 @@ def test_message_names_file_record_and_field(tmp_path):
     message = load_error(write_records(tmp_path / "edits.jsonl", records))
     assert message.endswith(
         "edits.jsonl: record 17: field 'target_new': must be a non-empty string (got int); to skip invalid "
-        "records and count them: edits.skip_invalid=true (locft edit) or --skip-invalid (locft convert, locft eval)"
+        "records and count them: edits.skip_invalid=true (locft edit) or --skip-invalid (locft convert, "
+        "locft eval)"
     )
 
 
