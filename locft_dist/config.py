@@ -192,16 +192,17 @@ class EvalConfig:
 @dataclass(kw_only=True)
 class OutputConfig:
     dir: str = "runs/locft"
-    """Run directory: config.yaml, delta.safetensors, metrics.json, log.jsonl, checkpoints/."""
+    """Run directory: config.yaml, run.json, delta.safetensors, metrics.json, log.jsonl, checkpoints/."""
     checkpoint_every: int = 0
     """Save a resumable checkpoint every N optimizer steps (0: at the end of an epoch, see below)."""
     checkpoint_min_minutes: float = 10.0
     """With checkpoint_every=0: save at an epoch's end only when the last save (or the start) is at least
-    this old, and not after the last step (the delta follows). 0: every epoch. Preemption always saves."""
+    this old (0: every epoch). The last step and preemption always save."""
     keep_last: int = 2
     """Checkpoints to keep."""
     overwrite: bool = False
-    """Start afresh even if the run directory holds a finished run or checkpoints."""
+    """Replace a run directory that holds another run (deleting its checkpoints). The same run is continued
+    either way (resume is exact), so a requeued command with overwrite=true resumes."""
 
 
 @dataclass(kw_only=True)

@@ -11,6 +11,7 @@ threshold or a step budget runs out, then the next edit; earlier edits are never
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -78,6 +79,13 @@ class TrainProgress:
     """Mean loss of every finished epoch (the early-stop rule reads the last one)."""
     partial_loss_sum: float = 0.0
     """Sum of per-edit losses so far in the current epoch (float64, exact through JSON)."""
+    seconds: float = 0.0
+    """Training time of the whole run so far, every attempt before a resume included."""
+    num_edit_passes: int = 0
+    """Edits forwarded and backpropagated in the whole run so far."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 StepHook = Callable[[int, BreadthFirstSampler, TrainProgress], None]
@@ -111,11 +119,10 @@ def train_breadth_first(
     step = sampler.epoch * sampler.steps_per_epoch + (sampler.consumed % sampler.num_edits) // cfg.batch_size
     lengths = [len(e.input_ids) for e in examples]
     pass_cost = cfg.micro_batch_pass_cost or default_pass_cost(torch.device(strategy.device).type)
-    remaining = (
-        0 if _should_stop_early(cfg, progress) else max(cfg.epochs * len(examples) - sampler.consumed, 0)
-    )
+    done = sampler.epoch >= cfg.epochs or _should_stop_early(cfg, progress)  # resumed after the last step
+    remaining = 0 if done else max(cfg.epochs * len(examples) - sampler.consumed, 0)
     cache = None
-    if cfg.prefix_cache:
+    if cfg.prefix_cache and not done:
         cache = build_prefix_cache(model, examples, strategy, cfg, pad_id, remaining_passes=remaining)
     fixed_ownership = uses_fixed_ownership(strategy, cfg)
     if cache is not None:
@@ -124,6 +131,7 @@ def train_breadth_first(
     offload = offload_prefix(model, cache, strategy) if cache and cfg.prefix_cache_offload_prefix else None
     result = TrainResult("breadth_first", num_steps=step)
     start = time.perf_counter()
+    seconds_before = progress.seconds
     bar = tqdm(
         total=total_steps,
         initial=step,
@@ -176,6 +184,8 @@ def train_breadth_first(
             step += 1
             stats.num_steps += 1
             result.num_edit_passes += len(batch.indices)
+            progress.num_edit_passes += len(batch.indices)
+            progress.seconds = seconds_before + time.perf_counter() - start
             if stats.num_steps == 1:
                 strategy.check_optimizer(model, optimizer)
             if sampler.consumed % sampler.num_edits == 0:  # the epoch is complete

@@ -80,15 +80,13 @@ def real_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def world_model(tmp_path_factory):
-    """A small synthetic world and a tiny Llama pretrained to know its facts (~20 s alone, built once).
+    """A small synthetic world and a tiny Llama pretrained to know its facts (~20 s, built once).
 
-    With ``LOCFT_TEST_WORLD_DIR`` set, it is built into that directory once and reused by later sessions
-    (the build checks its spec and seed before reusing; minutes saved on a loaded machine).
-    """
+    ``LOCFT_TEST_WORLD=DIR`` keeps it in DIR across sessions (rebuilt there if its recipe changed)."""
     from locft_dist.demo.build import build_tiny_world_model
 
-    out = os.environ.get("LOCFT_TEST_WORLD_DIR") or tmp_path_factory.mktemp("world")
-    return build_tiny_world_model(out, seed=0)
+    keep = os.environ.get("LOCFT_TEST_WORLD")
+    return build_tiny_world_model(Path(keep) if keep else tmp_path_factory.mktemp("world"), seed=0)
 
 
 def shared_data(name: str) -> Path:

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import struct
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, overload
 
 import numpy as np
 
+from locft_dist import outputs
 from locft_dist.edits.encode import EncodedExample, Encoding, encode_pair, encode_pairs
 from locft_dist.edits.formats import load_edits
 from locft_dist.edits.record_cache import CorruptRecordsError, read_records, write_records
@@ -184,19 +184,12 @@ def write_cache(path: Path, key: str, table: TokenTable, meta: dict[str, Any]) -
     }
     blob = json.dumps(header, sort_keys=True).encode("utf-8")
     blob += b" " * _pad8(len(MAGIC) + 8 + len(blob))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(MAGIC + struct.pack("<Q", len(blob)) + blob)
-            for part in payload:
-                handle.write(part)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with outputs.atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(MAGIC + struct.pack("<Q", len(blob)) + blob)
+        for part in payload:
+            handle.write(part)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 class CorruptCacheError(Exception):
