@@ -156,7 +156,9 @@ def _load(source: Path, *, progress: bool):
     kwargs = {"gguf_file": source.name, "local_files_only": True}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.parent, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source.parent, dtype=torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            source.parent, gguf_file=source.name, dtype=torch.float32, local_files_only=True
+        )
     except (ValueError, KeyError, NotImplementedError) as err:
         raise ModelImportError(f"{source}: transformers cannot load this GGUF file: {err}") from err
     # The weights are plain float32 tensors now; without this the saved config would claim a GGUF

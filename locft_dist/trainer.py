@@ -122,7 +122,7 @@ def train_breadth_first(
     done = sampler.epoch >= cfg.epochs or _should_stop_early(cfg, progress)  # resumed after the last step
     remaining = 0 if done else max(cfg.epochs * len(examples) - sampler.consumed, 0)
     cache = None
-    if cfg.prefix_cache and not done:
+    if cfg.prefix_cache:  # it logs why it is off when too few passes remain (none, after the last step)
         cache = build_prefix_cache(model, examples, strategy, cfg, pad_id, remaining_passes=remaining)
     fixed_ownership = uses_fixed_ownership(strategy, cfg)
     if cache is not None:

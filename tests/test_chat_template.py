@@ -134,8 +134,15 @@ def test_a_chat_run_trains_on_rendered_turns_and_records_its_encoding(chatml, tm
     assert read_delta(outcome.delta_path).encoding == CHAT
     examples = load_encoded_edits(cfg, load_tokenizer(model_dir), need_requests=False).examples
     assert chatml.decode(list(examples[0].input_ids)).startswith("<|im_start|>user\nThe capital of France is")
-    augment = (tmp_path / "run" / "augment.json").read_text()
-    assert '"prefixes"' in augment
+    from safetensors import safe_open
+
+    from locft_dist.edits import augment_store
+
+    stored_path = tmp_path / "run" / augment_store.FILE
+    with safe_open(str(stored_path), framework="pt") as handle:
+        key = handle.metadata()["locft.key"]
+    stored = augment_store.load(stored_path, key)
+    assert stored is not None and len(stored.prefixes) == 2 and all(stored.prefixes)
 
     plain_dir = tmp_path / "plain"
     make_random_llama(len(chatml)).save_pretrained(plain_dir)

@@ -338,7 +338,8 @@ def test_launch_script_runs_the_same_job(setup):
         ["bash", "launch/torchrun.sh", *setup["args"], f"output.dir={run_dir}"],
         capture_output=True,
         text=True,
-        env={**ENV, "NPROC": "2"},
+        # the script runs `python` from PATH: this interpreter's, as in an activated environment
+        env={**ENV, "NPROC": "2", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
         cwd=REPO,
         timeout=600,
     )

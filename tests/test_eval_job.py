@@ -14,7 +14,7 @@ import torch
 from locft_dist.delta import fingerprint_tensors, read_base_tensors, read_delta, write_delta
 from locft_dist.edits import write_jsonl
 from locft_dist.edits.encode import Encoding
-from locft_dist.errors import DeltaError
+from locft_dist.errors import DeltaError, StorageError
 from locft_dist.eval.job import EncodingFlags, resolve_encoding, run_eval
 from locft_dist.eval.metrics import METRIC_KEYS
 from tests.conftest import REPO
@@ -89,7 +89,7 @@ def test_the_delta_is_checked_before_any_model_pass(setup, tmp_path):
 def test_an_unwritable_json_destination_fails_before_evaluating(setup, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError, match="is a file, not a directory"):
         run_eval(str(setup["model"]), str(setup["tmp"] / "edits7.jsonl"), json_out=str(blocker / "m.json"),
                  delta_path=str(setup["delta"]))  # fmt: skip
 

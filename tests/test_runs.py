@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from locft_dist.config import EvalConfig
 from locft_dist.edits import write_jsonl
 from locft_dist.report import write_report
 from locft_dist.run.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED
@@ -143,7 +144,7 @@ def test_killed_during_the_final_evaluation_the_rerun_evaluates(setup, how):
     first = len(events(run_dir))
 
     rerun = run(1, run_dir, setup["args"])  # eval.batch_size back to its default: allowed, logged
-    assert "eval.batch_size 2 -> 64" in rerun.stderr
+    assert f"eval.batch_size 2 -> {EvalConfig().batch_size}" in rerun.stderr
     later = events(run_dir)[first:]
     assert not [e for e in later if e["event"] == "step"], "the rerun must not train again"
     assert [e["step"] for e in later if e["event"] == "resume"] == [EPOCHS * STEPS_PER_EPOCH]

@@ -54,8 +54,9 @@ def test_trust_remote_code_is_off_by_default():
 def test_weights_and_deltas_are_safetensors_only(tiny_model_dir, tmp_path):
     calls = _calls("AutoModelForCausalLM.from_pretrained")
     assert calls
-    for path, call in calls:
-        assert _is_true(_keyword(call, "use_safetensors")), f"{path}: {ast.unparse(call)}"
+    for path, call in calls:  # safetensors, or a GGUF file (tensors and metadata, nothing pickled)
+        loads_gguf = _keyword(call, "gguf_file") is not None
+        assert _is_true(_keyword(call, "use_safetensors")) or loads_gguf, f"{path}: {ast.unparse(call)}"
     pickled = tmp_path / "pickled_model"
     pickled.mkdir()
     shutil.copy(tiny_model_dir / "config.json", pickled)

@@ -12,8 +12,6 @@ with another key is regenerated, not read).
 from __future__ import annotations
 
 import itertools
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from locft_dist import outputs
 from locft_dist.edits.encode import EncodedExample
 
 FORMAT = "locft-augment/2"
@@ -62,15 +61,8 @@ def save(path: Path, key: str, generated: Generated) -> None:
         assert len(soft) == len(generated.locality), "soft targets for every locality example or none"
         tensors["soft_ids"] = torch.cat([e.soft_ids for e in soft]).to(torch.int32)
         tensors["soft_probs"] = torch.cat([e.soft_probs for e in soft]).to(torch.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"locft.format": FORMAT, "locft.key": key})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with outputs.atomic_path(path) as tmp:  # the umask's mode, renamed into place when complete
+        save_file(tensors, str(tmp), metadata={"locft.format": FORMAT, "locft.key": key})
 
 
 def load(path: Path, key: str) -> Generated | None:

@@ -150,10 +150,10 @@ def run_eval(
             tokenizer, requests, encoding=encoding, settings=settings, ranks=ranks, source=edits_path
         )
         if delta is None:
-            own = evaluator.edited(model, None, heldout)
-            if not base_known:
-                own = _without_locality(own)
-            results = {"unedited" if base_known else "edited": own}
+            if base_known:  # scored against its own predictions, as `locft edit` scores the unedited model
+                results = {"unedited": evaluator.unedited(model, heldout)[1]}
+            else:
+                results = {"edited": _without_locality(evaluator.edited(model, None, heldout))}
         else:
             from locft_dist.parallel.add_tensors import add_to_parameters
 

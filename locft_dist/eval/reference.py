@@ -12,10 +12,7 @@ encoding, tokenizer) and the generation settings, and a file with another key is
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from locft_dist import outputs
 from locft_dist.eval.generate import Ranks
 
 FORMAT = "locft-reference/1"
@@ -110,16 +108,8 @@ def save_reference(path: str | Path, reference: Reference) -> Path:
         "locft.max_new_tokens": json.dumps(reference.max_new_tokens),
         "locft.metrics": json.dumps(reference.metrics),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    with outputs.atomic_path(path) as tmp:  # the umask's mode, renamed into place when complete
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 
