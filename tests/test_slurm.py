@@ -294,4 +294,4 @@ def test_submit_dry_run_prints_the_sbatch_command(tmp_path):
     line = proc.stdout.strip()
     for part in ("--nodes=8", "--gpus-per-node=8", "--time=12:00:00", "LOCFT_NPROC=8", "--signal=B:USR1@300"):
         assert part in line, line
-    assert line.endswith(f"{SCRIPT} train.lr=1e-4 output.dir={tmp_path}/run"), line
+    assert line.endswith(f"{SCRIPT.resolve()} train.lr=1e-4 output.dir={tmp_path}/run"), line
