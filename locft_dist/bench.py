@@ -3,17 +3,22 @@
     locft bench                                   # tiny 8-layer Llama on CPU, last layer's down_proj
     locft bench --layer 4                         # a middle layer
     locft bench --device cuda --shape llama3-8b --dtype bfloat16 --layer 22 --num-edits 2000 --batch-size 100
+    locft bench --model /path/to/hf_model --num-edits 200 --epochs 5   # a real model directory
 
-The model is randomly initialized with the named shape (nothing is downloaded) and the edits are random token
-sequences (prompt 8-32 tokens, target 2-6), so only the compute is measured. The naive loop is the LocFT
-authors' computation: every global batch padded to its longest edit, the whole model run forward, per-edit
-mean target cross-entropy, Adam; it visits the batches in the same seeded order as locft-dist, so both end
-with the same weights up to rounding and their final metrics must agree.
+With ``--shape`` the model is randomly initialized with the named shape (``cost_model.SHAPES``; nothing is
+downloaded); with ``--model`` it is loaded from a Hugging Face directory. The edits are random token
+sequences (prompt 8-32 tokens, target 2-6 and EOS) over the model's vocabulary, or with ``--edits FILE``
+real edits encoded by the model's tokenizer, so only the compute is measured. The naive loop is the LocFT
+authors' computation: every global batch padded to its longest edit, the whole model run forward, logits at
+every position over the whole vocabulary in float32, per-edit mean target cross-entropy, Adam; it visits the
+batches in the same seeded order as locft-dist, so both end with the same weights up to rounding and their
+final metrics must agree.
 
 The FLOP floor is the time the unavoidable work takes at the device's measured matmul peak: per real token,
-the forward of the layers that must run (the frozen prefix once per edit, layers k..L, norm and head every
+the forward of the layers that must run (the frozen prefix once per edit, layers k..L and the norm every
 epoch) plus the backward from the loss down to the trainable parameters (input gradients of the layers
-above, weight gradients of the trainable tensors). Attention score FLOPs are counted at the mean length.
+above, weight gradients of the trainable tensors), and the output layer forward and backward at the target
+positions. Attention score FLOPs are counted at the mean length.
 """
 
 from __future__ import annotations
@@ -30,35 +35,17 @@ import torch
 from torch import nn
 
 from locft_dist.config import TrainConfig
-from locft_dist.edits.encode import EncodedExample, collate, per_example_target_loss
+from locft_dist.cost_model import SHAPES
+from locft_dist.edits.encode import IGNORE_INDEX, EncodedExample, collate
 from locft_dist.errors import ConfigError
-from locft_dist.locate import freeze_all_but, resolve_location
+from locft_dist.locate import find_decoder_layers, freeze_all_but, resolve_location
+from locft_dist.logits import final_hidden, head_logits, target_positions
+from locft_dist.losses import losses_from_hidden
 from locft_dist.model import DTYPES
 from locft_dist.parallel.memory import peak_host_bytes
 from locft_dist.parallel.single import SingleProcess
 from locft_dist.sampler import BreadthFirstSampler
 from locft_dist.trainer import train_breadth_first
-
-SHAPES: dict[str, dict[str, int]] = {
-    "tiny": {"hidden": 256, "intermediate": 1024, "layers": 8, "heads": 8, "kv_heads": 4, "vocab": 512},
-    "llama3-8b": {
-        "hidden": 4096,
-        "intermediate": 14336,
-        "layers": 32,
-        "heads": 32,
-        "kv_heads": 8,
-        "vocab": 128256,
-    },
-    "qwen2.5-72b": {
-        "hidden": 8192,
-        "intermediate": 29568,
-        "layers": 80,
-        "heads": 64,
-        "kv_heads": 8,
-        "vocab": 152064,
-    },
-}
-"""Layer shapes of real models (Llama-3-8B, Qwen2.5-72B's dimensions on a Llama block) and a tiny one."""
 
 
 @dataclass(kw_only=True)
@@ -77,6 +64,10 @@ class BenchConfig:
     naive: bool = True
     micro_batch_tokens: int | None = TrainConfig().micro_batch_tokens
     micro_batch_pass_cost: int | None = None
+    model_dir: str | None = None
+    """A Hugging Face model directory to edit instead of a random ``shape``."""
+    edits: str | None = None
+    """An edit file (any supported format) encoded by ``model_dir``'s tokenizer, instead of random tokens."""
 
 
 @dataclass
@@ -100,38 +91,78 @@ class LoopStats:
 
 
 def build_model(bench: BenchConfig) -> nn.Module:
+    """The model to edit: ``bench.model_dir`` loaded as stored (cast to ``bench.dtype``), else a randomly
+    initialized Llama of ``bench.shape``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    device = torch.device(bench.device)
+    if bench.model_dir:
+        from locft_dist.model import load_model
+
+        return load_model(bench.model_dir, dtype=bench.dtype).to(device).eval()
     shape = SHAPES[bench.shape]
     config = LlamaConfig(
-        vocab_size=shape["vocab"],
-        hidden_size=shape["hidden"],
-        intermediate_size=shape["intermediate"],
-        num_hidden_layers=bench.num_layers or shape["layers"],
-        num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["kv_heads"],
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=bench.num_layers or shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
         max_position_embeddings=256,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
-        tie_word_embeddings=False,
+        tie_word_embeddings=shape.tied_embeddings,
     )
     torch.manual_seed(bench.seed)
-    device = torch.device(bench.device)
     with device:
         model = LlamaForCausalLM(config)
     return model.to(DTYPES[bench.dtype]).eval()
 
 
-def synthetic_examples(num_edits: int, vocab: int, seed: int) -> list[EncodedExample]:
+def synthetic_examples(
+    num_edits: int, vocab: int, seed: int, *, bos: int = 1, eos: int = 2
+) -> list[EncodedExample]:
     """Random prompts (8-32 tokens after BOS) and targets (2-6 tokens + EOS) over the vocabulary."""
     rng = random.Random(seed)
     out = []
     for _ in range(num_edits):
-        prompt = [1] + [rng.randrange(3, vocab) for _ in range(rng.randint(8, 32))]
-        target = [rng.randrange(3, vocab) for _ in range(rng.randint(2, 6))] + [2]
+        prompt = [bos] + [rng.randrange(3, vocab) for _ in range(rng.randint(8, 32))]
+        target = [rng.randrange(3, vocab) for _ in range(rng.randint(2, 6))] + [eos]
         out.append(EncodedExample(tuple(prompt + target), len(prompt)))
     return out
+
+
+def bench_examples(bench: BenchConfig, model: nn.Module) -> list[EncodedExample]:
+    """``bench.num_edits`` edits: from ``bench.edits`` (encoded as ``locft edit`` does), else random."""
+    if bench.edits:
+        from locft_dist.edits import load_edits
+        from locft_dist.edits.encode import encode_pairs
+        from locft_dist.model import load_tokenizer
+
+        if not bench.model_dir:
+            raise ConfigError("--edits needs --model: the edits are encoded by the model's tokenizer")
+        requests = load_edits(bench.edits, limit=bench.num_edits).requests
+        tokenizer = load_tokenizer(bench.model_dir)
+        return encode_pairs(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests])
+    eos = model.config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else (2 if eos is None else eos)
+    return synthetic_examples(bench.num_edits, model.config.vocab_size, bench.seed, eos=int(eos))
+
+
+def naive_target_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The authors' per-edit loss: logits at every position, upcast to float32 over the whole vocabulary,
+    cross-entropy masked to the target tokens, averaged per edit (``[batch]``)."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    token_loss = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(shift_labels.shape)
+    mask = (shift_labels != IGNORE_INDEX).float()
+    return (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
 
 
 def naive_loop(
@@ -147,7 +178,7 @@ def naive_loop(
         for batch in sampler.epoch_batches():
             inputs = {k: v.to(device) for k, v in collate([examples[i] for i in batch.indices], 0).items()}
             logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-            loss = per_example_target_loss(logits, inputs["labels"]).mean()
+            loss = naive_target_loss(logits, inputs["labels"]).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -158,16 +189,17 @@ def naive_loop(
 
 @torch.no_grad()
 def final_metrics(model: nn.Module, examples: Sequence[EncodedExample], device: torch.device) -> tuple:
-    """Mean target cross-entropy and the fraction of target tokens predicted exactly (teacher forcing)."""
+    """Mean target cross-entropy and the fraction of target tokens predicted exactly (teacher forcing),
+    from the output layer at the target positions."""
     losses, correct, total = [], 0, 0
     for begin in range(0, len(examples), 64):
         inputs = {k: v.to(device) for k, v in collate(list(examples[begin : begin + 64]), 0).items()}
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        losses.append(per_example_target_loss(logits, inputs["labels"]).double().cpu())
-        labels = inputs["labels"][:, 1:]
-        mask = labels != -100
-        correct += int((logits[:, :-1].argmax(-1)[mask] == labels[mask]).sum())
-        total += int(mask.sum())
+        hidden = final_hidden(model, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        losses.append(losses_from_hidden(model, hidden, inputs).double().cpu())
+        rows, cols = target_positions(inputs["labels"])
+        predicted = head_logits(model, hidden[rows, cols]).argmax(-1)
+        correct += int((predicted == inputs["labels"][rows, cols + 1]).sum())
+        total += len(rows)
     return float(torch.cat(losses).mean()), correct / total
 
 
@@ -197,20 +229,22 @@ def _sync(device: torch.device) -> None:
 
 def floor_flops(model: nn.Module, first_layer: int, examples: Sequence[EncodedExample], epochs: int) -> float:
     """FLOPs of the unavoidable work over the run (see the module docstring)."""
-    layers = model.model.layers
-    cfg = model.config
+    layers = model.get_submodule(find_decoder_layers(model).layers_path)
+    hidden_size = model.config.hidden_size
     num_tokens = sum(len(e.input_ids) for e in examples)
+    num_targets = sum(e.num_target_tokens for e in examples)
     mean_len = num_tokens / len(examples)
 
     def layer_flops(layer: nn.Module) -> float:  # forward, per token: weights + attention scores
-        return 2 * sum(p.numel() for p in layer.parameters()) + 4 * mean_len * cfg.hidden_size
+        return 2 * sum(p.numel() for p in layer.parameters()) + 4 * mean_len * hidden_size
 
-    head = 2 * model.lm_head.weight.numel()
+    head = 2 * model.get_output_embeddings().weight.numel()
     prefix = sum(layer_flops(layer) for layer in layers[:first_layer])
-    suffix = sum(layer_flops(layer) for layer in layers[first_layer:]) + head
-    above = sum(layer_flops(layer) for layer in layers[first_layer + 1 :]) + head
+    suffix = sum(layer_flops(layer) for layer in layers[first_layer:])
+    above = sum(layer_flops(layer) for layer in layers[first_layer + 1 :])
     trainable = 2 * sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return num_tokens * (prefix + epochs * (suffix + above + trainable))
+    per_epoch = num_tokens * (suffix + above + trainable) + num_targets * 2 * head  # head: fwd + input grad
+    return num_tokens * prefix + epochs * per_epoch
 
 
 def _peak_memory(device: torch.device) -> float:
@@ -230,7 +264,7 @@ def run_bench(bench: BenchConfig) -> dict:
     model = build_model(bench)
     location = resolve_location(model, [bench.layer], bench.modules)
     freeze_all_but(model, location.parameter_names)
-    examples = synthetic_examples(bench.num_edits, model.config.vocab_size, bench.seed)
+    examples = bench_examples(bench, model)
     num_tokens = sum(len(e.input_ids) for e in examples)
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     train = TrainConfig(
@@ -300,7 +334,8 @@ def format_table(report: dict) -> str:
     """The comparison as a plain-text table."""
     cfg = report["config"]
     head = (
-        f"{cfg['shape']} ({report['num_layers']} layers, {cfg['dtype']}, {cfg['device']}), "
+        f"{cfg['model_dir'] or cfg['shape']} ({report['num_layers']} layers, {cfg['dtype']}, "
+        f"{cfg['device']}), "
         f"editing layer {report['first_layer']} {','.join(cfg['modules'])}: {cfg['num_edits']} edits x "
         f"{cfg['epochs']} epochs, batch {cfg['batch_size']}, {report['num_tokens']} tokens/epoch, "
         f"locft-dist micro_batch_tokens={cfg['micro_batch_tokens']}"
@@ -337,8 +372,12 @@ def format_table(report: dict) -> str:
 
 
 def main(bench: BenchConfig, json_out: str | None = None) -> dict:
-    if bench.shape not in SHAPES:
+    if bench.model_dir is None and bench.shape not in SHAPES:
         raise ConfigError(f"--shape {bench.shape!r} is not one of {', '.join(SHAPES)}")
+    if bench.model_dir is not None:
+        from locft_dist.model import check_model_dir
+
+        check_model_dir(bench.model_dir)
     torch.set_grad_enabled(True)
     report = run_bench(bench)
     print(format_table(report))

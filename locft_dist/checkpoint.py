@@ -1,14 +1,18 @@
-"""Everything needed to resume a run exactly: trainable weights, optimizer state, sampler, RNG, preemption.
+"""Everything needed to resume a run exactly: trainable weights, optimizer state, sampler, RNG.
 
-A checkpoint is ``run_dir/checkpoints/step-N/``: torch.distributed.checkpoint (DCP) files holding only the
-trainable parameters and their optimizer state (each rank writes its own shard, so no rank materializes the
-whole thing), ``train_state.json`` (sampler counter, losses, config, RNG, optimizer hyperparameters) and
-``manifest.json`` (size + sha256 of every other file). It is written into ``.step-N.tmp/``, the manifest
-last, then renamed, so a crash mid-save never leaves a directory that passes verification. DCP reshards on
-load, so a run saved on W ranks (FSDP2 DTensors or a replicated plain module) resumes on any other W.
+A checkpoint is ``run_dir/checkpoints/step-N/``: safetensors files written by torch.distributed.checkpoint
+(DCP) through ``HuggingFaceStorageWriter`` holding only the trainable parameters and their optimizer state
+(each rank writes its own shard, so no rank materializes the whole thing; each file's header records where
+its slices sit in the full tensors), ``train_state.json`` (sampler counter, losses, config, RNG, optimizer
+hyperparameters) and ``manifest.json`` (size + sha256 of every other file). It is written into
+``.step-N.tmp/``, the manifest last, then renamed, so a crash mid-save never leaves a directory that passes
+verification. DCP reshards on load, so a run saved on W ranks (FSDP2 DTensors or a replicated plain module)
+resumes on any other W.
 
-Only tensors go through DCP: DCP reads non-tensor entries with ``torch.load(weights_only=False)``, so the
-optimizer's param groups travel in JSON instead and nothing in a checkpoint is ever unpickled by us.
+Nothing in a checkpoint is unpickled: DCP's default file format keeps its plan in a pickled ``.metadata``
+file, the safetensors format rebuilds it from the files' JSON headers; the optimizer's param groups travel
+in JSON, and only tensors go through DCP. Each file is a plain safetensors file: ``locft export-delta``
+turns any checkpoint's weights into a delta.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +37,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -47,59 +51,24 @@ from locft_dist.sampler import SamplerState
 
 logger = logging.getLogger(__name__)
 
-EXIT_PREEMPTED = 75
-"""Exit code after SIGTERM/SIGUSR1: a checkpoint was saved; rerun the same command to resume (EX_TEMPFAIL)."""
-
-FORMAT = "locft-checkpoint/1"
+FORMAT = "locft-checkpoint/2"
+"""/1 was DCP's default file format (a pickled ``.metadata``); such checkpoints are skipped, not loaded."""
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-_REQUIRED_FILES = (".metadata", "train_state.json")
+_REQUIRED_FILES = ("train_state.json",)
 # Sharded (per-rank) state dicts of the trainable parameters only; frozen weights come from the base model.
 _SAVE_OPTIONS = StateDictOptions(ignore_frozen_params=True)
 # Loading: frozen params are legitimately absent; we check that nothing else is (see _check_incompatible).
 _LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
-class PreemptionFlag:
-    """Signal handlers (SIGTERM, SIGUSR1) only set a flag; ranks agree on it at a step boundary.
+def tensor_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory (one per rank that held tensors)."""
+    return sorted(path.glob("*.safetensors"))
 
-    Saving inside a handler would race the training step and the other ranks' collectives, so the
-    handler does nothing else; ``should_stop`` all-reduces the flag so every rank saves and exits together.
-    """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.received = signum
-
-    def install(self) -> None:
-        """Install the handlers (main thread only), remembering the previous ones for ``uninstall``."""
-        if self._previous:
-            return
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def should_stop(
-        self, all_reduce_max: Callable[[torch.Tensor], torch.Tensor], device: torch.device | str = "cpu"
-    ) -> bool:
-        """True on every rank if any rank got a signal (a sum all-reduce works too). Call on all ranks."""
-        local = torch.tensor([0 if self.received is None else 1], dtype=torch.int32, device=device)
-        stop = bool(all_reduce_max(local).item() > 0)
-        if stop:
-            logger.warning(
-                "preemption signal received (%s): saving a checkpoint and exiting with code %d",
-                signal.Signals(self.received).name if self.received is not None else "on another rank",
-                EXIT_PREEMPTED,
-            )
-        return stop
+def read_tensors_metadata(path: Path) -> dict[str, Any]:
+    """DCP's view of a checkpoint (keys, full shapes, where each slice is), from the files' JSON headers."""
+    return HuggingFaceStorageReader(str(path)).read_metadata().state_dict_metadata
 
 
 def _b64(tensor: torch.Tensor) -> str:
@@ -179,10 +148,12 @@ def verify(path: Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"no readable manifest.json ({e})"
     if manifest.get("format") != FORMAT:
+        if manifest.get("format") == "locft-checkpoint/1":
+            return "written by an older locft in DCP's pickled format, which is never loaded"
         return f"unknown format {manifest.get('format')!r}"
     missing = [name for name in _REQUIRED_FILES if name not in files]
-    if missing:
-        return f"manifest lacks {missing}"
+    if missing or not any(name.endswith(".safetensors") for name in files):
+        return f"manifest lacks {missing or 'tensor files'}"
     for name, expected in files.items():
         file = path / name
         if not file.is_file():
@@ -232,6 +203,8 @@ class CheckpointManager:
         self.world_size = world_size
         self.barrier = barrier
         self.state_io = state_io
+        self._verified: set[tuple[Path, int, int]] = set()
+        """Checkpoints this process wrote or verified, by (path, manifest mtime, size): not hashed again."""
 
     @property
     def _no_dist(self) -> bool:
@@ -243,11 +216,17 @@ class CheckpointManager:
             assert self.world_size == 1, "world_size > 1 needs an initialized process group"
         return not initialized
 
-    def _dcp(self, fn: Callable, state_dict: dict, path: Path) -> Any:
-        no_dist = self._no_dist
+    def _dcp_save(self, state_dict: dict, path: Path) -> None:
+        writer = HuggingFaceStorageWriter(str(path), save_distributed=True)
         with warnings.catch_warnings():  # DCP warns that it assumes one process: that is what we want
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            return fn(state_dict, checkpoint_id=str(path), no_dist=no_dist)
+            dcp.save(state_dict, storage_writer=writer, no_dist=self._no_dist)
+
+    def _dcp_load(self, state_dict: dict, path: Path) -> None:
+        """Fill ``state_dict``'s tensors in place, reading only this rank's slices."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state_dict, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=self._no_dist)
 
     def step_dirs(self) -> list[tuple[int, Path]]:
         """(step, dir) of every ``step-N`` directory, newest first (``.tmp`` leftovers are not listed)."""
@@ -274,7 +253,7 @@ class CheckpointManager:
                 ]
         else:
             has_optimizer_state = bool(optimizer.state)
-            tensors = {"model": get_model_state_dict(model, options=_SAVE_OPTIONS)}
+            tensors = {"model": _trainable_state_dict(model)}
             if has_optimizer_state:
                 optim_sd = get_optimizer_state_dict(model, optimizer, options=_SAVE_OPTIONS)
                 tensors["optim"] = {"state": optim_sd["state"]}
@@ -299,7 +278,7 @@ class CheckpointManager:
         groups: list[dict],
     ) -> None:
         """DCP shards, then the train state, then (rank 0) the manifest and the rename."""
-        self._dcp(dcp.save, tensors, tmp)
+        self._dcp_save(tensors, tmp)
         if self.rank == 0:
             state = dataclasses.replace(state, step=step, world_size=self.world_size, rng=capture_rng())
             payload = {
@@ -323,6 +302,7 @@ class CheckpointManager:
             fd = os.open(self.dir, os.O_RDONLY)  # make the rename durable before deleting older checkpoints
             os.fsync(fd)
             os.close(fd)
+            self._remember_verified(final)  # its manifest was just computed from the files themselves
             self._prune(final)
             logger.info("saved checkpoint %s", final)
 
@@ -349,13 +329,36 @@ class CheckpointManager:
             logger.info("removing incomplete checkpoint %s", path)
             shutil.rmtree(path, ignore_errors=True)
 
+    def _manifest_key(self, path: Path) -> tuple[Path, int, int] | None:
+        try:
+            stat = (path / "manifest.json").stat()
+        except OSError:
+            return None
+        return (path, stat.st_mtime_ns, stat.st_size)
+
+    def _remember_verified(self, path: Path) -> None:
+        key = self._manifest_key(path)
+        if key is not None:
+            self._verified.add(key)
+
+    def _verify(self, path: Path) -> str | None:
+        """``verify``, hashing each checkpoint at most once per process: the checkpoints kept from earlier
+        saves are not re-read on every save (a changed manifest is verified again)."""
+        key = self._manifest_key(path)
+        if key is not None and key in self._verified:
+            return None
+        reason = verify(path)
+        if reason is None and key is not None:
+            self._verified.add(key)
+        return reason
+
     def _prune(self, newest: Path) -> None:
         """Keep ``newest`` and the ``keep_last - 1`` newest other valid checkpoints; delete the rest."""
         kept = 1
         for _, path in self.step_dirs():
             if path == newest:
                 continue
-            reason = verify(path) if kept < self.keep_last else "older than keep_last"
+            reason = self._verify(path) if kept < self.keep_last else "older than keep_last"
             if reason is None:
                 kept += 1
             else:
@@ -363,8 +366,10 @@ class CheckpointManager:
                 shutil.rmtree(path, ignore_errors=True)
 
     def _newest_valid_local(self) -> Path | None:
+        """Resume: every candidate is hashed in full, whatever this process saw before."""
         for _, path in self.step_dirs():
             if (reason := verify(path)) is None:
+                self._remember_verified(path)
                 return path
             logger.warning("skipping checkpoint %s: %s", path, reason)
         return None
@@ -389,13 +394,13 @@ class CheckpointManager:
         if self.state_io is not None:
             tensors = self.state_io.checkpoint_template(model, payload["has_optimizer_state"])
             _check_keys(path, tensors)
-            self._dcp(dcp.load, tensors, path)
+            self._dcp_load(tensors, path)
             self.state_io.load_checkpoint_tensors(model, optimizer, tensors)
             if payload["has_optimizer_state"]:
                 _restore_param_groups(optimizer.param_groups, payload["optimizer_param_groups"], path)
             return self._loaded(path, payload)
         optimizer.zero_grad(set_to_none=True)  # so get_optimizer_state_dict fills in a complete template
-        tensors: dict[str, Any] = {"model": get_model_state_dict(model, options=_SAVE_OPTIONS)}
+        tensors: dict[str, Any] = {"model": _trainable_state_dict(model)}
         optim_sd = None
         if payload["has_optimizer_state"]:
             optim_sd = get_optimizer_state_dict(model, optimizer, options=_SAVE_OPTIONS)
@@ -403,7 +408,7 @@ class CheckpointManager:
         else:
             optimizer.state.clear()
         _check_keys(path, tensors)
-        self._dcp(dcp.load, tensors, path)  # fills the templates in place, reading only this rank's shards
+        self._dcp_load(tensors, path)
         _check_incompatible(model, set_model_state_dict(model, tensors["model"], options=_LOAD_OPTIONS))
         if optim_sd is not None:
             optim_sd = {"state": tensors["optim"]["state"], "param_groups": optim_sd["param_groups"]}
@@ -418,6 +423,13 @@ class CheckpointManager:
         return state
 
 
+def _trainable_state_dict(model: nn.Module) -> dict[str, Any]:
+    """The trainable parameters' (sharded) state dict. ``ignore_frozen_params`` misses a frozen alias of a
+    tied weight (``lm_head.weight`` when tied to the embedding is no named parameter): dropped here."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in get_model_state_dict(model, options=_SAVE_OPTIONS).items() if k in trainable}
+
+
 def _flat_keys(tree: dict, prefix: str = "") -> set[str]:
     """Keys as DCP flattens nested dicts (``optim.state.<fqn>.exp_avg``)."""
     keys: set[str] = set()
@@ -428,7 +440,7 @@ def _flat_keys(tree: dict, prefix: str = "") -> set[str]:
 
 def _check_keys(path: Path, tensors: dict) -> None:
     """Refuse, with names, a checkpoint of other trainable parameters than this run's (e.g. other layers)."""
-    saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    saved = set(read_tensors_metadata(path))
     wanted = _flat_keys(tensors)
     if saved != wanted:
         raise ValueError(

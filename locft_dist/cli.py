@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -12,7 +13,10 @@ EDIT_EXAMPLES = """examples:
   locft edit --config run.yaml
   locft edit model.path=./llama-3-8b edits.path=zsre_3k.json locate.preset=llama3-8b output.dir=runs/zsre
   locft edit --config run.yaml train.lr=1e-4 locate.layers=[-1] train.pipeline=depth_first
-  torchrun --nproc_per_node 8 -m locft_dist.cli edit --config run.yaml
+  torchrun --nproc_per_node 8 -m locft_dist edit --config run.yaml       # or $(which locft) edit ...
+  deepspeed --num_gpus 8 $(which locft) edit --config run.yaml dist.strategy=deepspeed
+  accelerate launch --num_processes 8 -m locft_dist edit --config run.yaml
+  srun --ntasks 8 locft edit --config run.yaml
   locft edit --help-config          # every config key with its default and meaning
 """
 
@@ -24,6 +28,12 @@ EVAL_EXAMPLES = """examples:
 
 With --delta, the encoding (target prefix, chat template, max length) and the WILD budget are the run's,
 read from the delta; the encoding flags apply only without a delta. Metrics: docs/metrics.md.
+"""
+
+EXPORT_EXAMPLES = """examples:
+  locft export-delta runs/zsre --step 200          # runs/zsre/delta-step-200.safetensors
+  locft export-delta runs/zsre --step 200 --out epoch4.safetensors
+  locft eval --model ./llama-3-8b --edits zsre.jsonl --delta runs/zsre/delta-step-200.safetensors
 """
 
 APPLY_EXAMPLES = """examples:
@@ -52,6 +62,7 @@ BENCH_EXAMPLES = """examples:
   locft bench                        # tiny 8-layer Llama on CPU, editing the last layer's down_proj
   locft bench --layer 4              # a middle layer
   locft bench --device cuda --shape llama3-8b --dtype bfloat16 --layer 22 --num-edits 2000 --batch-size 100
+  locft bench --model DIR --num-edits 200 --epochs 5 # a real model directory, its last layer
 """
 
 REPORT_EXAMPLES = """examples:
@@ -147,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", dest="json_out", help="write the metrics here")
     ev.add_argument("--format", default="auto", help="edit file format (default: auto)")
     ev.add_argument("--limit", type=int, help="evaluate the first N edits")
+    ev.add_argument("--skip-invalid", action="store_true", help="skip and count invalid records")
     ev.add_argument("--batch-size", type=int, default=256, help="probes per batch (default: 256)")
     ev.add_argument("--no-generation", action="store_true", help="teacher-forced metrics only (no EM, WILD)")
     ev.add_argument(
@@ -161,6 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--target-prefix", help="string before each answer (default ' '; without --delta)")
     ev.add_argument("--chat-template", choices=["none", "auto"], help="prompt rendering (without --delta)")
     ev.add_argument("--max-length", type=int, help="longest probe in tokens (default 256; without --delta)")
+
+    ex = sub.add_parser(
+        "export-delta",
+        help="write the delta of any checkpoint of a run (e.g. to compare epochs without rerunning)",
+        epilog=EXPORT_EXAMPLES,
+        formatter_class=fmt,
+    )
+    ex.add_argument("run_dir", help="the run's output.dir")
+    ex.add_argument("--step", type=int, help="checkpoint step (default: the newest valid checkpoint)")
+    ex.add_argument("--out", help="delta file to write (default: RUN_DIR/delta-step-N.safetensors)")
 
     ap = sub.add_parser(
         "apply", help="write an edited HF model directory", epilog=APPLY_EXAMPLES, formatter_class=fmt
@@ -196,7 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     be.add_argument("--device", default="cpu", help="cpu (default) | cuda | cuda:N")
-    be.add_argument("--shape", default="tiny", help="tiny | llama3-8b | qwen2.5-72b (random init)")
+    be.add_argument(
+        "--shape", default="tiny", help="tiny | llama3-8b | qwen2.5-72b | smollm2-135m (random init)"
+    )
+    be.add_argument("--model", dest="model_dir", help="a Hugging Face model directory instead of --shape")
+    be.add_argument("--edits", help="with --model: an edit file to encode instead of random tokens")
     be.add_argument("--num-layers", type=int, help="keep only this many decoder layers of the shape")
     be.add_argument("--layer", type=int, default=-1, help="decoder layer to edit (default: -1, the last)")
     be.add_argument("--modules", nargs="+", default=["mlp.down_proj"], help="modules of that layer")
@@ -224,6 +250,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def strip_local_rank(argv: list[str]) -> list[str]:
+    """Drop ``--local_rank=N`` / ``--local-rank N``, which the deepspeed launcher (and torch's older
+    ``torch.distributed.launch``) add to the command line; the rank is taken from ``LOCAL_RANK``."""
+    out: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        name, _, value = arg.partition("=")
+        if name in ("--local_rank", "--local-rank"):
+            value = value or next(args, "")
+            if value and "LOCAL_RANK" not in os.environ:
+                os.environ["LOCAL_RANK"] = value
+            continue
+        out.append(arg)
+    return out
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse, letting ``key=value`` overrides come before, between and after options (in their order)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides"):
+        unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+        if not unknown:
+            args.overrides = [*args.overrides, *extra]
+            return args
+        extra = unknown
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         if args.real:
@@ -247,12 +303,22 @@ def run(args: argparse.Namespace) -> int:
         outcome = run_edit(load_config(args.config, args.overrides))
         if not outcome.is_main:
             return 0
-        if outcome.metrics is not None:
+        columns: dict = {"unedited": outcome.metrics_base, "edited": outcome.metrics}
+        saved = outcome.run_dir / "metrics.json"
+        if outcome.finished:
+            print(f"{outcome.run_dir} already holds this run, finished; nothing to do")
+            if saved.is_file():
+                record = json.loads(saved.read_text(encoding="utf-8"))
+                columns = {"unedited": record.get("unedited") or {}, "edited": record.get("edited") or {}}
+        if columns["edited"] is not None:
             from locft_dist.eval import format_metrics_table
 
-            columns = {"unedited": outcome.metrics_base, "edited": outcome.metrics}
             print(format_metrics_table(columns, title=str(outcome.run_dir)))
         print(f"delta: {outcome.delta_path}")
+    elif args.command == "export-delta":
+        from locft_dist.run.export import export_delta
+
+        print(f"wrote {export_delta(args.run_dir, step=args.step, out=args.out)}")
     elif args.command == "locate":
         from locft_dist.config import load_config
         from locft_dist.locate_search import default_layers, format_ranking, search, write_preset
@@ -277,6 +343,7 @@ def run(args: argparse.Namespace) -> int:
             json_out=args.json_out,
             edits_format=args.format,
             limit=args.limit,
+            skip_invalid=args.skip_invalid,
             batch_size=args.batch_size,
             generation=not args.no_generation,
             max_new_tokens=args.max_new_tokens,
@@ -311,6 +378,8 @@ def run(args: argparse.Namespace) -> int:
             lr=args.lr,
             seed=args.seed,
             naive=not args.no_naive,
+            model_dir=args.model_dir,
+            edits=args.edits,
         )
         if args.micro_batch_tokens is not None:
             bench.micro_batch_tokens = args.micro_batch_tokens
@@ -335,14 +404,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    raw = sys.argv[1:] if argv is None else argv
-    if raw[:2] == ["slurm", "submit"]:
+    raw = strip_local_rank(sys.argv[1:] if argv is None else list(argv))
+    if raw[:1] == ["slurm"]:
         from locft_dist.slurm_submit import main as submit
 
-        return submit(raw[2:], prog="locft slurm submit")
-    args = build_parser().parse_args(argv)
-    if args.command == "slurm":
-        build_parser().parse_args(["slurm", "--help"])
+        if raw[1:2] == ["submit"]:
+            return submit(raw[2:], prog="locft slurm submit")
+        if raw[1:] and raw[1] not in ("-h", "--help"):
+            print(f"locft slurm: unknown command {raw[1]!r}; use `locft slurm submit ...`", file=sys.stderr)
+        return submit(["--help"], prog="locft slurm submit")
+    args = parse_args(build_parser(), raw)
     code = _run_with_exit_code(args)
     if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # gloo can still be releasing a collective's tensors in a background thread after the process group
@@ -354,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_with_exit_code(args: argparse.Namespace) -> int:
-    from locft_dist.resumable import Preempted
+    from locft_dist.run.signals import EXIT_INTERRUPTED, Stopped
 
     try:
         return run(args)
@@ -362,12 +433,13 @@ def _run_with_exit_code(args: argparse.Namespace) -> int:
         print(f"locft {args.command}: error: {err}", file=sys.stderr)
         _record_fatal(f"locft {args.command}: error: {err}")
         return 2
-    except Preempted as stop:
-        print(
-            f"locft {args.command}: preempted; checkpoint {stop}; rerun the same command to resume",
-            file=sys.stderr,
-        )
-        return Preempted.exit_code
+    except Stopped as stop:
+        print(f"locft {args.command}: {stop}", file=sys.stderr)
+        return Stopped.exit_code
+    except KeyboardInterrupt:
+        hint = "; rerun the same command to resume from the last checkpoint" if args.command == "edit" else ""
+        print(f"\nlocft {args.command}: interrupted{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _record_fatal(message: str) -> None:

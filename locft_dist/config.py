@@ -90,6 +90,8 @@ class TrainConfig:
     """Decoupled for adamw, L2 for adam."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """Adam betas."""
+    adam_eps: float = 1e-8
+    """Adam/AdamW epsilon, added to the root of the second moment (torch's default)."""
     lr_schedule: str = "constant"
     """constant | linear | cosine (decay to 0 over the run after warmup)."""
     warmup_steps: int = 0
@@ -111,7 +113,8 @@ class TrainConfig:
     prefix_cache: bool = True
     """Run the frozen layers below the first trainable one once per edit and cache their output (exact)."""
     prefix_cache_device_gib: float | None = None
-    """Per-rank device memory for the prefix cache; the rest is kept in pinned host memory. null: no limit."""
+    """Per-rank GPU memory for the prefix cache; the rest goes to pinned host memory. null: half the device
+    memory free when the cache is filled."""
     prefix_cache_offload_prefix: bool = False
     """Single process: free the frozen layers below the cache (and the embedding) during training; reloaded
     from the model's safetensors afterwards. FSDP/DeepSpeed: ignored (ranks hold shards of them)."""
@@ -144,6 +147,8 @@ class AugmentConfig:
     """kl: tokens of the unedited distribution stored per position (renormalized over them)."""
     locality_weight: float = 1.0
     """Loss weight of a locality example relative to an edit."""
+    batch_size: int = 64
+    """Rows per generation forward; the batches are spread over the ranks and the results gathered."""
 
 
 @dataclass(kw_only=True)
@@ -187,13 +192,17 @@ class EvalConfig:
 @dataclass(kw_only=True)
 class OutputConfig:
     dir: str = "runs/locft"
-    """Run directory: config.yaml, delta.safetensors, metrics.json, log.jsonl, checkpoints/."""
+    """Run directory: config.yaml, run.json, delta.safetensors, metrics.json, log.jsonl, checkpoints/."""
     checkpoint_every: int = 0
-    """Save a resumable checkpoint every N optimizer steps (0: only at the end of each epoch)."""
+    """Save a resumable checkpoint every N optimizer steps (0: at the end of an epoch, see below)."""
+    checkpoint_min_minutes: float = 10.0
+    """With checkpoint_every=0: save at an epoch's end only when the last save (or the start) is at least
+    this old (0: every epoch). The last step and preemption always save."""
     keep_last: int = 2
     """Checkpoints to keep."""
     overwrite: bool = False
-    """Start afresh even if the run directory holds a finished run or checkpoints."""
+    """Replace a run directory that holds another run (deleting its checkpoints). The same run is continued
+    either way (resume is exact), so a requeued command with overwrite=true resumes."""
 
 
 @dataclass(kw_only=True)
@@ -404,6 +413,8 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"'{key}' must be positive; got {value}")
     if config.train.lr <= 0:
         raise ConfigError(f"'train.lr' must be positive; got {config.train.lr}")
+    if config.train.adam_eps <= 0:
+        raise ConfigError(f"'train.adam_eps' must be positive; got {config.train.adam_eps}")
     for key in ("prefix_cache_device_gib", "prefix_cache_host_gib"):
         cache_gib = getattr(config.train, key)
         if cache_gib is not None and cache_gib < 0:
@@ -419,6 +430,10 @@ def validate(config: RunConfig) -> None:
     for key, value in (("edits.limit", config.edits.limit), ("eval.limit", config.eval.limit)):
         if value is not None and value <= 0:
             raise ConfigError(f"'{key}' must be positive or null; got {value}")
+    if config.output.checkpoint_min_minutes < 0:
+        raise ConfigError(
+            f"'output.checkpoint_min_minutes' must be >= 0; got {config.output.checkpoint_min_minutes}"
+        )
     if config.output.checkpoint_every < 0:
         raise ConfigError(f"'output.checkpoint_every' must be >= 0; got {config.output.checkpoint_every}")
     aug = config.augment
@@ -433,6 +448,7 @@ def validate(config: RunConfig) -> None:
         ("augment.paraphrase_tokens", aug.paraphrase_tokens),
         ("augment.locality_tokens", aug.locality_tokens),
         ("augment.locality_top_k", aug.locality_top_k),
+        ("augment.batch_size", aug.batch_size),
     ):
         if value <= 0:
             raise ConfigError(f"'{key}' must be positive; got {value}")

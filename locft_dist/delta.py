@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from locft_dist import outputs
 from locft_dist.edits.encode import Encoding
 from locft_dist.errors import DeltaError
 from locft_dist.model import SafetensorsCheckpoint
@@ -85,8 +85,10 @@ def write_delta(
     base_fingerprint: str,
     config_json: str,
     encoding: Encoding | None = None,
+    step: int | None = None,
 ) -> Path:
-    """Write atomically: a temp file in the same directory, then rename."""
+    """Write atomically: a temp file in the same directory, then rename. ``step``: exported from that
+    checkpoint (``locft.step``) rather than at the end of the run."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {n: t.detach().cpu().to(torch.float32).contiguous() for n, t in delta.items()}
@@ -98,14 +100,10 @@ def write_delta(
     }
     if encoding is not None:
         metadata["locft.encoding"] = json.dumps(encoding.to_dict(), sort_keys=True)
-    fd, tmp = tempfile.mkstemp(prefix=".delta-", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    if step is not None:
+        metadata["locft.step"] = str(step)
+    with outputs.atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 
@@ -176,17 +174,36 @@ def read_base_tensors(model_dir: str | Path, names: list[str]) -> dict[str, torc
     return {name: checkpoint.read(name) for name in names}
 
 
+APPLIED_FILE = "locft_applied.json"
+"""Written by ``locft apply`` into the edited model: which base and delta it is, so ``locft eval`` can label
+it edited and measure locality against that base."""
+APPLIED_FORMAT = "locft-applied/1"
+
+
+def applied_record(model_dir: str | Path) -> dict | None:
+    """What ``locft apply`` recorded in an edited model directory, or None for any other model."""
+    path = Path(model_dir) / APPLIED_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("format") == APPLIED_FORMAT else None
+
+
 def apply_delta_to_dir(model_dir: str | Path, delta_path: str | Path, out_dir: str | Path) -> Path:
     """Write an edited HF model directory: a copy of ``model_dir`` whose touched shards hold base + delta.
 
     Only the shards that contain edited tensors are loaded and rewritten, one at a time; the output is
-    assembled in a temp directory and renamed into place.
+    assembled in a temp directory and renamed into place. ``locft_applied.json`` records the base and delta.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    delta = read_delta(delta_path)
-    check_base(delta, read_base_tensors(model_dir, list(delta.tensors)), str(model_dir))
     if out_dir.exists():
         raise DeltaError(f"{out_dir} already exists; choose a new --out directory")
+    outputs.check_writable(out_dir, "--out", directory=True)
+    delta = read_delta(delta_path)
+    check_base(delta, read_base_tensors(model_dir, list(delta.tensors)), str(model_dir))
     checkpoint = SafetensorsCheckpoint(model_dir)
     by_shard: dict[str, dict[str, str]] = {}
     for name in delta.tensors:
@@ -194,11 +211,19 @@ def apply_delta_to_dir(model_dir: str | Path, delta_path: str | Path, out_dir: s
         assert key is not None, "checked by read_base_tensors"
         by_shard.setdefault(checkpoint.files[key], {})[key] = name
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    tmp = outputs.make_temp_dir(out_dir.parent, prefix=f".{out_dir.name}-")
     try:
         for entry in model_dir.iterdir():
-            if entry.is_file() and entry.name not in by_shard:
+            if entry.is_file() and entry.name not in by_shard and entry.name != APPLIED_FILE:
                 shutil.copy2(entry, tmp / entry.name)
+        record = {
+            "format": APPLIED_FORMAT,
+            "base_model": str(model_dir.absolute()),
+            "delta": str(Path(delta_path).absolute()),
+            "tensors": sorted(delta.tensors),
+            "metadata": delta.metadata,
+        }
+        outputs.write_json(tmp / APPLIED_FILE, record, sort_keys=True)
         for shard, keys in by_shard.items():
             with safe_open(str(model_dir / shard), framework="pt") as handle:
                 shard_meta = handle.metadata()
@@ -206,7 +231,8 @@ def apply_delta_to_dir(model_dir: str | Path, delta_path: str | Path, out_dir: s
             for key, name in keys.items():
                 base = tensors[key]
                 tensors[key] = (base.float() + delta.tensors[name]).to(base.dtype).contiguous()
-            save_file(tensors, str(tmp / shard), metadata=shard_meta)
+            with outputs.atomic_path(tmp / shard) as part:  # safetensors alone would create it 0600
+                save_file(tensors, str(part), metadata=shard_meta)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,39 +1,37 @@
-"""The main job, ``locft edit``: setup -> reference eval -> train -> delta -> eval, written out plainly."""
+"""The main job, ``locft edit``: set up, resume, train, export the delta, evaluate, written out plainly.
+
+The run's lifecycle (directory contract, lock, phases, resume compatibility, signals) is ``locft_dist.run``;
+this module is the recipe. Each phase is recorded in the run directory as it finishes, so a rerun of the
+same command does only what is left.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import yaml
-
 from locft_dist.config import RunConfig
 from locft_dist.delta import compute_delta, fingerprint_tensors, read_base_tensors, write_delta
 from locft_dist.edits import EditRequest, augment
 from locft_dist.edits.encode import EncodedExample, Encoding, encode_pair, encode_pairs, pad_token_id
 from locft_dist.edits.token_cache import TokenizedEdits, default_cache_dir, tokenized_edits
-from locft_dist.errors import ConfigError, EncodingError, RunDirBusyError
+from locft_dist.errors import ConfigError, EncodingError
 from locft_dist.eval import EditMetrics, save_metrics
 from locft_dist.eval.in_run import RunEvaluation
-from locft_dist.eval.reference import FILE_NAME as REFERENCE_FILE
 from locft_dist.lora import attach_lora, merged_weights
 from locft_dist.model import check_model_dir, load_tokenizer
 from locft_dist.parallel import make_strategy
 from locft_dist.parallel.base import Strategy
 from locft_dist.parallel.memory import log_host_memory
 from locft_dist.parallel.single import SingleProcess
-from locft_dist.resumable import clear_checkpoints, train_resumable
-from locft_dist.run_lock import RunDirLock
+from locft_dist.run import Identity, Run, eval_settings, model_fingerprint, resolve_paths, train_resumable
 from locft_dist.runlog import RunLog, setup_logging
-from locft_dist.tracking import WandbSink
 from locft_dist.trainer import TrainResult, train_depth_first
 
 logger = logging.getLogger(__name__)
@@ -47,6 +45,8 @@ class EditOutcome:
     train: TrainResult | None
     metrics: EditMetrics | None
     metrics_base: EditMetrics | None
+    finished: bool = False
+    """The run directory held this run, finished already: nothing was done."""
 
 
 def encode_edits(tokenizer, requests: list[EditRequest], cfg: RunConfig) -> list[EncodedExample]:
@@ -96,84 +96,31 @@ def read_heldout(path: str | None) -> list[str] | None:
     return texts
 
 
-def check_run_dir(cfg: RunConfig) -> Path | None:
-    """The finished delta if this exact run already completed; refuse a directory holding another run."""
-    run_dir = Path(cfg.output.dir)
-    saved = run_dir / "config.yaml"
-    if cfg.output.overwrite or not saved.is_file():
-        return None
-    try:
-        previous = yaml.safe_load(saved.read_text(encoding="utf-8"))
-    except yaml.YAMLError:
-        previous = None
-    if _results_config(previous) != _results_config(cfg.to_dict()):
-        raise ConfigError(
-            f"{run_dir} holds a run with a different config; use a new output.dir or output.overwrite=true"
-        )
-    delta = run_dir / "delta.safetensors"
-    return delta if delta.is_file() else None
-
-
-def _results_config(tree: Any) -> Any:
-    """The config minus the ``logging`` section: where a run is tracked does not change its results."""
-    return {k: v for k, v in tree.items() if k != "logging"} if isinstance(tree, dict) else tree
-
-
-def start_run_dir(cfg: RunConfig) -> Path:
-    """Create the run directory (clearing a previous run's outputs when overwriting) and save the config."""
-    run_dir = Path(cfg.output.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.output.overwrite:
-        for name in ("delta.safetensors", "metrics.json", "log.jsonl", augment.AUGMENT_FILE, REFERENCE_FILE):
-            (run_dir / name).unlink(missing_ok=True)
-        clear_checkpoints(run_dir)
-    tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(cfg.to_yaml(), encoding="utf-8")
-    os.replace(tmp, run_dir / "config.yaml")
-    return run_dir
-
-
 def run_edit(cfg: RunConfig) -> EditOutcome:
-    """Run one editing job as configured and return where its outputs are."""
+    """Run (or continue) one editing job as configured and return where its outputs are."""
+    cfg = resolve_paths(cfg)  # the run is the same whatever the working directory or path spelling
     strategy = make_strategy(cfg)
     setup_logging(strategy.is_main)
-    lock = RunDirLock(cfg.output.dir)
-    with contextlib.ExitStack() as cleanup:  # last in, first out: run log, lock, process group
+    with contextlib.ExitStack() as cleanup:  # last in, first out: the run (log, lock, signals), process group
         cleanup.callback(strategy.close)
-        cleanup.callback(lock.release)
-        return _run_edit(cfg, strategy, lock, cleanup)
+        run = cleanup.enter_context(Run(cfg, strategy))
+        return _run_edit(cfg, strategy, run)
 
 
-def lock_run_dir(strategy: Strategy, lock: RunDirLock) -> None:
-    """The main rank locks ``output.dir``; if another live run holds it, every rank raises together."""
-    error = None
-    if strategy.is_main:
-        try:
-            lock.acquire()
-        except RunDirBusyError as err:
-            error = err
-    busy = strategy.all_reduce_max(torch.tensor([int(error is not None)], device=strategy.device))
-    if error is not None:
-        raise error
-    if busy.item():
-        raise RunDirBusyError(f"{lock.path.parent} is in use by a running job (see the main rank's message)")
-
-
-def _run_edit(
-    cfg: RunConfig, strategy: Strategy, lock: RunDirLock, cleanup: contextlib.ExitStack
-) -> EditOutcome:
-    check_model_dir(cfg.model.path)  # fail on bad input before the run directory is touched
+def _run_edit(cfg: RunConfig, strategy: Strategy, run: Run) -> EditOutcome:
+    # -- set up: bad input fails before the run directory is touched ------------------------------------
+    run.signals.phase = "loading the edits"
+    check_model_dir(cfg.model.path)
+    run.check_writable()
     started = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     loaded = load_encoded_edits(cfg, tokenizer, need_requests=cfg.eval.enabled or augment.enabled(cfg))
     requests, examples = loaded.requests, loaded.examples
     run_dir = Path(cfg.output.dir)
-    lock_run_dir(strategy, lock)
-    finished = check_run_dir(cfg)
-    if finished is not None:
-        logger.info("%s already finished with this config: delta at %s", run_dir, finished)
-        return EditOutcome(strategy.is_main, run_dir, finished, None, None, None)
-    torch.manual_seed(cfg.train.seed)
+    plan = run.open(lambda: Identity(model=model_fingerprint(cfg.model.path), edits=loaded.fingerprint))
+    if plan.finished:
+        logger.info("%s already finished with these settings: delta at %s", run_dir, run.dir.delta)
+        return EditOutcome(strategy.is_main, run_dir, run.dir.delta, None, None, None, finished=True)
     logger.info(
         "%d edits from %s (%s; %d skipped, %d duplicates), %s in %.1fs",
         len(examples),
@@ -187,14 +134,17 @@ def _run_edit(
     log_host_memory("after loading and encoding the edits")
     pad_id = pad_token_id(tokenizer)
 
+    run.signals.phase = "loading the model"
     model, location = strategy.load_model(cfg.model, cfg.locate)
     if cfg.lora.rank:
         model = _attach_lora(cfg, strategy, model, location.parameter_names)
     trainable = strategy.trainable_parameters(model)
     edited_names = list(location.parameter_names) if cfg.lora.rank else [n for n, _ in trainable]
     # The base as stored on disk (not as loaded in model.dtype): what `locft apply` will add the delta to.
-    base_tensors = read_base_tensors(cfg.model.path, edited_names)
-    base_fingerprint = fingerprint_tensors(base_tensors)
+    # The main rank reads and hashes it; the others get the hash (they write nothing that needs the tensors).
+    base_fingerprint = strategy.broadcast_object(
+        fingerprint_tensors(read_base_tensors(cfg.model.path, edited_names)) if strategy.is_main else None
+    )
     logger.info(
         "tuning %d tensors (%.2fM parameters) at layers %s: %s",
         len(trainable),
@@ -202,12 +152,7 @@ def _run_edit(
         list(location.layers),
         ", ".join(n for n, _ in trainable),
     )
-    if strategy.is_main:
-        start_run_dir(cfg)
-    run_log = RunLog(run_dir / "log.jsonl", enabled=strategy.is_main)
-    cleanup.callback(run_log.close)
-    if strategy.is_main:
-        run_log.add_sink(WandbSink.start(cfg, run_dir))
+    run_log = run.start(cfg.to_yaml())
     run_log.event(
         "setup",
         num_edits=len(examples),
@@ -215,11 +160,14 @@ def _run_edit(
         world_size=strategy.world_size,
         parameters=[n for n, _ in trainable],
         base_fingerprint=base_fingerprint,
+        delta_done=plan.delta_done,
     )
 
+    # -- the unedited model: its predictions are what locality compares with ---------------------------
     eval_requests = requests[: cfg.eval.limit] if cfg.eval.limit and requests else requests
     evaluation = metrics_base = None
     if cfg.eval.enabled:
+        run.signals.phase = "evaluating the unedited model"
         evaluation = RunEvaluation(
             cfg,
             strategy,
@@ -232,6 +180,8 @@ def _run_edit(
         metrics_base = evaluation.before(model)
         _reshard(model)
 
+    # -- train, or resume: a finished run's last checkpoint holds the trained weights -------------------
+    run.signals.phase = "preparing the training set"
     train_examples, dataset_fingerprint = augmented_examples(
         cfg, strategy, model, tokenizer, requests, examples, loaded.fingerprint, base_fingerprint, run_log
     )
@@ -243,6 +193,7 @@ def _run_edit(
         cfg.train.lr,
         cfg.train.epochs,
     )
+    run.signals.phase = "training"
     if cfg.train.pipeline == "breadth_first":
         result = train_resumable(
             cfg,
@@ -252,33 +203,44 @@ def _run_edit(
             pad_id,
             dataset_fingerprint=dataset_fingerprint,
             run_log=run_log,
+            signals=run.signals,
         )
-    else:
+    else:  # the depth-first baseline keeps no checkpoints: a rerun trains it again
         result = train_depth_first(model, examples, strategy, cfg.train, pad_id, run_log=run_log)
     logger.info(
         "trained in %.1fs: %d steps, %.1f edits/s", result.seconds, result.num_steps, result.edits_per_second
     )
+    if not run.done("trained"):
+        run.mark("trained", **_train_record(result))
 
-    edited = merged_weights(model, edited_names) if cfg.lora.rank else strategy.gather_trainable(model)
-    delta_path = run_dir / "delta.safetensors"
-    if strategy.is_main:
-        write_delta(
-            delta_path,
-            compute_delta(edited, base_tensors),
-            base_model=str(cfg.model.path),
-            base_fingerprint=base_fingerprint,
-            config_json=cfg.to_json(),
-            encoding=Encoding.from_config(cfg.edits),
-        )
-        logger.info("wrote %s", delta_path)
+    # -- export the delta ----------------------------------------------------------------------------
+    delta_path = run.dir.delta
+    if not plan.delta_done:
+        run.signals.phase = "writing the delta"
+        edited = merged_weights(model, edited_names) if cfg.lora.rank else strategy.gather_trainable(model)
+        if strategy.is_main:
+            write_delta(
+                delta_path,
+                compute_delta(edited, read_base_tensors(cfg.model.path, edited_names)),
+                base_model=str(cfg.model.path),
+                base_fingerprint=base_fingerprint,
+                config_json=cfg.to_json(),
+                encoding=Encoding.from_config(cfg.edits),
+            )
+            logger.info("wrote %s", delta_path)
+        run.mark("delta", path=str(delta_path), base_fingerprint=base_fingerprint)
 
+    # -- evaluate the edited model -------------------------------------------------------------------
     metrics = None
     if evaluation is not None:
+        run.signals.phase = "evaluating the edited model"
         metrics = evaluation.after(model)
         _reshard(model)
         if strategy.is_main:
-            save_metrics(run_dir / "metrics.json", _metrics_record(metrics, metrics_base, result))
+            save_metrics(run.dir.metrics, _metrics_record(metrics, metrics_base, result))
         run_log.event("eval", **metrics.to_dict())
+        run.mark("evaluated", eval=eval_settings(cfg.eval))
+    run.signals.phase = "finishing"
     run_log.event("done", seconds=time.time() - run_log.start)
     run_log.close()
     strategy.barrier()
@@ -314,6 +276,7 @@ def augmented_examples(
         edits_fingerprint=fingerprint,
         base_fingerprint=base_fingerprint,
         write=strategy.is_main,
+        shard=strategy,
     )
     _reshard(model)
     run_log.event("augment", paraphrases=extra.num_paraphrases, locality=extra.num_locality, key=extra.key)
@@ -336,17 +299,22 @@ def _reshard(model) -> None:
         reshard()
 
 
+def _train_record(result: TrainResult) -> dict[str, Any]:
+    """Training totals over every attempt of the run (a resumed run's earlier parts included)."""
+    return {
+        "pipeline": result.pipeline,
+        "num_steps": result.num_steps,
+        "epochs_run": len(result.epoch_losses),
+        "stopped_early": result.stopped_early,
+        "seconds": round(result.seconds, 3),
+        "edits_per_second": round(result.edits_per_second, 2),
+        "epoch_losses": [round(loss, 6) for loss in result.epoch_losses],
+    }
+
+
 def _metrics_record(metrics: EditMetrics, base: EditMetrics | None, result: TrainResult) -> dict[str, Any]:
     return {
         "edited": metrics.to_dict(),
         "unedited": base.to_dict() if base else None,
-        "train": {
-            "pipeline": result.pipeline,
-            "num_steps": result.num_steps,
-            "epochs_run": len(result.epoch_losses),
-            "stopped_early": result.stopped_early,
-            "seconds": round(result.seconds, 3),
-            "edits_per_second": round(result.edits_per_second, 2),
-            "epoch_losses": [round(loss, 6) for loss in result.epoch_losses],
-        },
+        "train": _train_record(result),
     }

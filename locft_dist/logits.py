@@ -3,13 +3,17 @@
 The output layer of a 128K-152K vocabulary is the largest matrix a late-layer edit runs (28M of the 31.5M
 parameters after SmolLM2's last layer), yet the loss and the metrics read it at a few target positions.
 ``final_hidden`` runs the model's own forward (so masks, rotary positions and any wrapping, FSDP2 or
-ZeRO-3, behave exactly as in a full forward) with the head at one position only, and hands back the final
-hidden states; ``head_logits`` applies the output layer, with the model's own post-processing, to the rows
-the caller picked.
+ZeRO-3, behave exactly as in a full forward) with the output layer replaced by a stand-in for the
+duration, and hands back the final hidden states: the head's weight is not read (nor all-gathered, when it
+is a sharded unit of its own) by that forward. ``head_logits`` applies the output layer, with the model's
+own post-processing, to the rows the caller picked.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -29,11 +33,36 @@ def _decoder(model: nn.Module) -> nn.Module:
     return decoder
 
 
+class _NoLogits(nn.Module):
+    """Stands in for the output layer: zero-width "logits", a fresh tensor (not a view of the hidden
+    states, which FSDP2's output hooks would warn about)."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.new_empty((*hidden.shape[:-1], 0))
+
+
+@contextlib.contextmanager
+def without_head(model: nn.Module) -> Iterator[None]:
+    """Within the block, the model's output layer is skipped: a forward computes no logits."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (get_output_embeddings())")
+    path = next((name for name, module in model.named_modules() if module is head), None)
+    assert path, "the output layer is a submodule of the model"
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    parent._modules[name] = _NoLogits()
+    try:
+        yield
+    finally:
+        parent._modules[name] = head
+
+
 def final_hidden(model: nn.Module, **inputs: Any) -> torch.Tensor:
     """Final hidden states ``[batch, tokens, hidden]`` of a causal LM forward, after the final norm.
 
     The forward is the model's own (``inputs`` as for ``model(...)``: ``input_ids`` or ``inputs_embeds``,
-    ``attention_mask``, ...); the head runs at the last position only (``logits_to_keep=1``).
+    ``attention_mask``, ...), with the output layer skipped (``without_head``).
     """
     captured: list[torch.Tensor] = []
 
@@ -41,14 +70,21 @@ def final_hidden(model: nn.Module, **inputs: Any) -> torch.Tensor:
         hidden = getattr(output, "last_hidden_state", None)
         captured.append(hidden if hidden is not None else output[0])
 
+    extra = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
     handle = _decoder(model).register_forward_hook(keep)
     try:
-        model(**inputs, logits_to_keep=1, use_cache=False)
+        with without_head(model):
+            model(**inputs, use_cache=False, **extra)
     finally:
         handle.remove()
     if not captured:
         raise RuntimeError(f"{type(model).__name__}'s forward did not run its decoder")
     return captured[-1]
+
+
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    forward = getattr(model, "module", model).forward  # a DeepSpeed engine wraps the model as .module
+    return "logits_to_keep" in inspect.signature(forward).parameters
 
 
 def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

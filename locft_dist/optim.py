@@ -15,7 +15,7 @@ def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim
     if not params:
         raise ValueError("no trainable parameters: the location selected nothing")
     assert all(p.requires_grad for p in params), "optimizer given a frozen parameter"
-    kwargs = {"lr": cfg.lr, "betas": tuple(cfg.betas), "weight_decay": cfg.weight_decay}
+    kwargs = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.adam_eps, "weight_decay": cfg.weight_decay}
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, **kwargs)
     return torch.optim.Adam(params, **kwargs)

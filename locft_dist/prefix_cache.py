@@ -2,7 +2,8 @@
 
 When every trainable parameter sits at layer >= k, the hidden states entering layer k are a pure function of
 the base weights and the edit's tokens: they never change during training. A dedicated pass (no gradients)
-computes them once per edit; every training pass then runs only layers k..L, the final norm and the head.
+computes them once per edit; every training pass then runs only layers k..L, the final norm, and the head at
+the target positions (``locft_dist/losses.py``).
 
 Partial forwards go through the model's own root forward (``inputs_embeds`` = cached hidden states) with the
 decoder ``ModuleList`` temporarily narrowed to the layers that must run. Rotary embeddings, position ids and
@@ -23,7 +24,6 @@ with a batching that depends only on (edits, rank, world size), so a resumed run
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 import os
@@ -35,8 +35,10 @@ from torch import nn
 
 from locft_dist.batching import length_sorted_chunks
 from locft_dist.config import TrainConfig
-from locft_dist.edits.encode import EncodedExample, collate, per_example_loss
+from locft_dist.edits.encode import EncodedExample, collate
 from locft_dist.locate import find_decoder_layers, layer_of_parameter
+from locft_dist.logits import final_hidden, without_head
+from locft_dist.losses import losses_from_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +202,6 @@ class PrefixCache:
         self.world_size = world_size
         self.device = device
         self.rows = RowStore(device, device_budget_bytes, host_budget_bytes, spill_dir)
-        self._keep_one_logit = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def summary(self) -> dict[str, float]:
         return {
@@ -227,15 +228,9 @@ class PrefixCache:
         handle = below.register_forward_hook(
             lambda _m, _a, out: captured.append(out[0] if isinstance(out, tuple) else out)
         )
-        extra = {"logits_to_keep": 1} if self._keep_one_logit else {}
         try:
-            with only_layers(model, self.layers_path, 0, self.first_layer):
-                model(
-                    input_ids=inputs["input_ids"],
-                    attention_mask=inputs["attention_mask"],
-                    use_cache=False,
-                    **extra,
-                )
+            with only_layers(model, self.layers_path, 0, self.first_layer), without_head(model):
+                model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
         finally:
             handle.remove()
         return captured[-1].detach()
@@ -278,11 +273,12 @@ class PrefixCache:
 
     @torch.no_grad()
     def _self_check(self, model: nn.Module, batch: list[EncodedExample], pad_id: int) -> bool:
-        """The partial path reproduces the full forward's logits on a few edits (run the full one first,
-        so that FSDP2 initializes with the whole module tree)."""
+        """The partial path reproduces the full forward's final hidden states on a few edits (run the full
+        one first, so that FSDP2 initializes with the whole module tree). The output layer is a fixed map
+        of these, so equal hidden states mean equal logits."""
         inputs = {k: v.to(self.device) for k, v in collate(batch, pad_id).items()}
-        full = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        partial = self._suffix_logits(model, self._prefix_hidden(model, inputs), inputs)
+        full = final_hidden(model, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        partial = self._suffix_hidden(model, self._prefix_hidden(model, inputs), inputs)
         _reshard(model)
         real = inputs["attention_mask"].bool()
         diff = (full.float() - partial.float()).abs()[real].max().item()
@@ -291,7 +287,7 @@ class PrefixCache:
         if diff > tolerance:
             logger.warning(
                 "prefix cache disabled: running only layers %d.. of %s differs from the full forward "
-                "(max |logit diff| %.3g); training runs the full forward every pass",
+                "(max |hidden state diff| %.3g); training runs the full forward every pass",
                 self.first_layer,
                 type(model).__name__,
                 diff,
@@ -301,12 +297,12 @@ class PrefixCache:
 
     # -- training passes -------------------------------------------------------------------------------
 
-    def _suffix_logits(
+    def _suffix_hidden(
         self, model: nn.Module, hidden: torch.Tensor, inputs: dict[str, torch.Tensor]
     ) -> torch.Tensor:
+        """Final hidden states from the cached input of layer ``first_layer`` (the embedding is not run)."""
         with only_layers(model, self.layers_path, self.first_layer, self.num_layers):
-            out = model(inputs_embeds=hidden, attention_mask=inputs["attention_mask"], use_cache=False)
-        return out.logits
+            return final_hidden(model, inputs_embeds=hidden, attention_mask=inputs["attention_mask"])
 
     def _batch_hidden(self, indices: Sequence[int], width: int) -> torch.Tensor:
         rows = [self.rows.get(i) for i in indices]
@@ -323,13 +319,50 @@ class PrefixCache:
         """Each owned example's training loss, as the full forward gives it, from layer ``first_layer`` on."""
         inputs = {k: v.to(self.device) for k, v in collate([examples[i] for i in indices], pad_id).items()}
         hidden = self._batch_hidden(indices, inputs["input_ids"].shape[1])
-        return per_example_loss(self._suffix_logits(model, hidden, inputs), inputs), inputs
+        return losses_from_hidden(model, self._suffix_hidden(model, hidden, inputs), inputs), inputs
+
+
+DEVICE_FREE_FRACTION = 0.5
+"""Default device budget: this fraction of the device memory free when the cache is filled (the rest is
+left to the training passes' activations); rows beyond it go to host memory."""
+
+
+def device_budget_bytes(device: torch.device, configured_gib: float | None) -> int | None:
+    """Bytes of cached rows kept on ``device``: ``train.prefix_cache_device_gib`` when set, else a share of
+    the memory free now (free on the device plus what PyTorch holds reserved but unused). None on CPU,
+    where every row lives in host memory."""
+    if device.type != "cuda":
+        return None
+    if configured_gib is not None:
+        return int(configured_gib * 2**30)
+    free, _ = torch.cuda.mem_get_info(device)
+    unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(DEVICE_FREE_FRACTION * (free + unused))
+
+
+def uses_fixed_ownership(strategy, cfg: TrainConfig) -> bool:
+    """Whether edits are owned by rank ``i % world_size`` (the cache's layout). Decided by the config and
+    the strategy only, not by whether this start builds the cache, so a resumed run splits every batch as
+    the run before it did."""
+    return cfg.prefix_cache and getattr(strategy, "supports_prefix_cache", True)
 
 
 def build_prefix_cache(
-    model: nn.Module, examples: Sequence[EncodedExample], strategy, cfg: TrainConfig, pad_id: int
+    model: nn.Module,
+    examples: Sequence[EncodedExample],
+    strategy,
+    cfg: TrainConfig,
+    pad_id: int,
+    *,
+    remaining_passes: int,
 ) -> PrefixCache | None:
-    """The filled cache, or None (with the reason logged) when it cannot or need not be used."""
+    """The filled cache, or None (with the reason logged) when it cannot or need not be used.
+
+    ``remaining_passes``: edit passes the run still has to make (epochs left times edits, less what the
+    current epoch consumed). Filling costs one prefix forward per edit and saves one per pass, so it pays
+    only when more than one pass per edit remains; nothing is filled when no step remains (a resume at
+    the end).
+    """
     if not getattr(strategy, "supports_prefix_cache", True):
         name = type(strategy).__name__
         logger.warning("train.prefix_cache is ignored by %s: every pass runs the full forward", name)
@@ -338,13 +371,17 @@ def build_prefix_cache(
     if first is None or first == 0:
         logger.info("prefix cache off: trainable parameters at layer 0 or outside the decoder layers")
         return None
-    if cfg.epochs < 2:
-        logger.info("prefix cache off: one epoch computes every prefix once anyway")
+    if remaining_passes <= len(examples):
+        logger.info(
+            "prefix cache off: %d edit passes remain for %d edits, so every prefix would run about once "
+            "anyway",
+            remaining_passes,
+            len(examples),
+        )
         return None
     if len(examples) < strategy.world_size:
         logger.info("prefix cache off: fewer edits than ranks")
         return None
-    budget = cfg.prefix_cache_device_gib
     host = cfg.prefix_cache_host_gib
     cache = PrefixCache(
         model,
@@ -352,7 +389,7 @@ def build_prefix_cache(
         rank=strategy.rank,
         world_size=strategy.world_size,
         device=strategy.device,
-        device_budget_bytes=None if budget is None else int(budget * 2**30),
+        device_budget_bytes=device_budget_bytes(torch.device(strategy.device), cfg.prefix_cache_device_gib),
         host_budget_bytes=None if host is None else int(host * 2**30),
         spill_dir=cfg.prefix_cache_spill_dir,
     )

@@ -10,12 +10,11 @@ from __future__ import annotations
 import html
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from locft_dist import outputs
 from locft_dist.errors import LocftError, RunDirError
 
 logger = logging.getLogger(__name__)
@@ -48,9 +47,16 @@ class RunSummary:
     """(step at the end of the epoch, mean loss of the epoch)."""
     setup: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
-    num_resumes: int = 0
+    resumed_at: list[int] = field(default_factory=list)
+    """Step each resume continued from (one entry per attempt after the first that resumed training)."""
+    train: dict[str, Any] = field(default_factory=dict)
+    """Training totals over every attempt (the ``trained`` event, or metrics.json's ``train``)."""
     finished: bool = False
     seconds: float | None = None
+
+    @property
+    def num_resumes(self) -> int:
+        return len(self.resumed_at)
 
     @property
     def first_loss(self) -> float | None:
@@ -99,7 +105,9 @@ def summarize(run_dir: str | Path) -> RunSummary:
             summary.setup = {k: v for k, v in event.items() if k not in ("event", "time", "parameters")}
             summary.setup["num_parameters_tensors"] = len(event.get("parameters", []))
         elif kind == "resume":
-            summary.num_resumes += 1
+            summary.resumed_at.append(int(event.get("step", 0)))
+        elif kind == "trained":
+            summary.train = {k: v for k, v in event.items() if k not in ("event", "time")}
         elif kind == "done":
             summary.finished = True
             summary.seconds = event.get("seconds")
@@ -111,6 +119,7 @@ def summarize(run_dir: str | Path) -> RunSummary:
     metrics_path = run_dir / "metrics.json"
     if metrics_path.is_file():
         summary.metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+        summary.train = summary.metrics.get("train") or summary.train
     if not summary.steps:
         raise RunDirError(f"{log}: no training steps logged yet")
     return summary
@@ -138,6 +147,9 @@ def plot_loss(summary: RunSummary, out: Path) -> Path:
     if summary.epoch_ends:
         x, y = zip(*summary.epoch_ends, strict=True)
         ax_loss.plot(x, y, "o-", ms=4, label="epoch mean")
+    for number, step in enumerate(summary.resumed_at):
+        label = "resumed" if number == 0 else None
+        ax_loss.axvline(step, color="tab:red", ls="--", lw=0.8, label=label)
     if min(summary.losses) > 0:
         ax_loss.set_yscale("log")
     ax_loss.set_ylabel("target cross-entropy")
@@ -177,15 +189,11 @@ def plot_metrics(summary: RunSummary, out: Path) -> Path | None:
 def _save_figure(fig: Any, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with outputs.atomic_path(out) as tmp, open(tmp, "wb") as handle:
             fig.savefig(handle, format="png", dpi=110)
-        os.replace(tmp, out)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out
 
 
@@ -196,7 +204,10 @@ def _fmt(value: Any) -> str:
 
 
 def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
-    train = summary.metrics.get("train") or {}
+    train = summary.train
+    resumes = _fmt(summary.num_resumes)
+    if summary.resumed_at:
+        resumes += f" (from step {', '.join(map(str, summary.resumed_at))}; times cover every attempt)"
     rows = [
         ("edits", _fmt(summary.setup.get("num_edits"))),
         ("ranks", _fmt(summary.setup.get("world_size"))),
@@ -204,7 +215,7 @@ def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
         ("epochs", _fmt(len(summary.epoch_ends))),
         ("loss, first step", _fmt(summary.first_loss)),
         ("loss, last step", _fmt(summary.last_loss)),
-        ("resumes", _fmt(summary.num_resumes)),
+        ("resumes", resumes),
         ("finished", "yes" if summary.finished else "no (running, killed or preempted)"),
     ]
     if train:
@@ -253,16 +264,14 @@ def render_html(summary: RunSummary, images: list[Path]) -> str:
 
 
 def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    outputs.write_text(path, text)
 
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Write loss.png, metrics.png (when metrics.json exists), report.md and report.html; return paths."""
     summary = summarize(run_dir)
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "report"
+    outputs.check_writable(out, "report directory", directory=True)
     out.mkdir(parents=True, exist_ok=True)
     images = [plot_loss(summary, out / "loss.png")]
     metrics_png = plot_metrics(summary, out / "metrics.png")

@@ -6,8 +6,9 @@
     locft slurm submit --ntasks-per-node 2 --nproc 1 -- --config tiny.yaml   # CPU, 2 ranks
     locft slurm submit --dry-run ...                                  # print the sbatch line
 
-Everything after ``--`` goes to ``locft edit`` unchanged. The job runs ``slurm/edit_torchrun.sbatch`` (or
-``slurm/edit_deepspeed.sbatch``): preemption-safe, it requeues itself and resumes (docs/slurm.md).
+Everything after ``--`` goes to ``locft edit`` unchanged. The job runs the ``edit_torchrun.sbatch`` (or
+``edit_deepspeed.sbatch``) shipped in ``locft_dist/slurm/`` (also ``slurm/`` in a checkout): preemption-safe,
+it requeues itself and resumes (docs/slurm.md).
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+SCRIPT_DIR = Path(__file__).resolve().parent / "slurm"
+"""The sbatch scripts ship inside the package (a wheel has no repository ``slurm/`` directory)."""
 SCRIPTS = {
-    "torchrun": REPO / "slurm" / "edit_torchrun.sbatch",
-    "deepspeed": REPO / "slurm" / "edit_deepspeed.sbatch",
+    "torchrun": SCRIPT_DIR / "edit_torchrun.sbatch",
+    "deepspeed": SCRIPT_DIR / "edit_deepspeed.sbatch",
 }
 
 
@@ -127,6 +130,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m locft_dist.slurm_
     if opts.dry_run:
         print(shlex.join(cmd))
         return 0
+    if shutil.which("sbatch") is None:
+        print(
+            f"{prog}: error: sbatch is not on PATH; run this where SLURM's commands are (a login node), "
+            "or add --dry-run to print the command",
+            file=sys.stderr,
+        )
+        return 2
     Path(opts.log_dir).mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -11,6 +11,7 @@ threshold or a step budget runs out, then the next edit; earlier edits are never
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -23,11 +24,12 @@ from tqdm.auto import tqdm
 
 from locft_dist.batching import default_pass_cost, rank_chunks
 from locft_dist.config import TrainConfig
-from locft_dist.edits.encode import EncodedExample, collate, per_example_loss
+from locft_dist.edits.encode import EncodedExample, collate
+from locft_dist.losses import forward_losses
 from locft_dist.optim import build_optimizer, lr_at
 from locft_dist.parallel.base import Strategy
 from locft_dist.parallel.memory import log_host_memory
-from locft_dist.prefix_cache import build_prefix_cache
+from locft_dist.prefix_cache import build_prefix_cache, uses_fixed_ownership
 from locft_dist.prefix_offload import offload_prefix
 from locft_dist.runlog import RunLog
 from locft_dist.sampler import BreadthFirstSampler
@@ -64,11 +66,6 @@ class TrainResult:
         return self.num_edit_passes / self.seconds if self.seconds else 0.0
 
 
-def _forward_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return per_example_loss(logits, batch)  # CE on targets, or KL for locality examples, times weight
-
-
 def _clip(params: list[nn.Parameter], max_norm: float | None) -> None:
     if max_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -82,6 +79,13 @@ class TrainProgress:
     """Mean loss of every finished epoch (the early-stop rule reads the last one)."""
     partial_loss_sum: float = 0.0
     """Sum of per-edit losses so far in the current epoch (float64, exact through JSON)."""
+    seconds: float = 0.0
+    """Training time of the whole run so far, every attempt before a resume included."""
+    num_edit_passes: int = 0
+    """Edits forwarded and backpropagated in the whole run so far."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 StepHook = Callable[[int, BreadthFirstSampler, TrainProgress], None]
@@ -115,13 +119,19 @@ def train_breadth_first(
     step = sampler.epoch * sampler.steps_per_epoch + (sampler.consumed % sampler.num_edits) // cfg.batch_size
     lengths = [len(e.input_ids) for e in examples]
     pass_cost = cfg.micro_batch_pass_cost or default_pass_cost(torch.device(strategy.device).type)
-    cache = build_prefix_cache(model, examples, strategy, cfg, pad_id) if cfg.prefix_cache else None
+    done = sampler.epoch >= cfg.epochs or _should_stop_early(cfg, progress)  # resumed after the last step
+    remaining = 0 if done else max(cfg.epochs * len(examples) - sampler.consumed, 0)
+    cache = None
+    if cfg.prefix_cache and not done:
+        cache = build_prefix_cache(model, examples, strategy, cfg, pad_id, remaining_passes=remaining)
+    fixed_ownership = uses_fixed_ownership(strategy, cfg)
     if cache is not None:
         run_log.event("prefix_cache", rank=strategy.rank, **cache.summary())
         log_host_memory("after the prefix-cache fill")
     offload = offload_prefix(model, cache, strategy) if cache and cfg.prefix_cache_offload_prefix else None
     result = TrainResult("breadth_first", num_steps=step)
     start = time.perf_counter()
+    seconds_before = progress.seconds
     bar = tqdm(
         total=total_steps,
         initial=step,
@@ -143,7 +153,7 @@ def train_breadth_first(
                 strategy.world_size,
                 cfg.micro_batch_size,
                 lengths,
-                modulo_owner=cache is not None,
+                modulo_owner=fixed_ownership,
                 max_tokens=cfg.micro_batch_tokens,
                 pass_cost=pass_cost,
             )
@@ -155,7 +165,7 @@ def train_breadth_first(
                         k: v.to(strategy.device)
                         for k, v in collate([examples[i] for i in chunk], pad_id).items()
                     }
-                    per_edit = _forward_losses(model, inputs)
+                    per_edit = forward_losses(model, inputs)  # CE or KL at target positions, x weight
                 per_edit = per_edit * weight
                 strategy.backward(per_edit.sum() / len(batch.indices))
                 batch_sums[0] += per_edit.detach().double().sum()
@@ -174,6 +184,8 @@ def train_breadth_first(
             step += 1
             stats.num_steps += 1
             result.num_edit_passes += len(batch.indices)
+            progress.num_edit_passes += len(batch.indices)
+            progress.seconds = seconds_before + time.perf_counter() - start
             if stats.num_steps == 1:
                 strategy.check_optimizer(model, optimizer)
             if sampler.consumed % sampler.num_edits == 0:  # the epoch is complete
@@ -256,7 +268,7 @@ def train_depth_first(
         steps = 0
         for steps in range(cfg.depth_first_max_steps):  # noqa: B007
             optimizer.zero_grad(set_to_none=True)
-            loss = _forward_losses(model, inputs).mean()
+            loss = forward_losses(model, inputs).mean()
             loss_value = loss.item()
             result.num_edit_passes += 1
             if loss_value < cfg.depth_first_stop_loss:

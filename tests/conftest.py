@@ -80,10 +80,13 @@ def real_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def world_model(tmp_path_factory):
-    """A small synthetic world and a tiny Llama pretrained to know its facts (~20 s, built once)."""
+    """A small synthetic world and a tiny Llama pretrained to know its facts (~20 s, built once).
+
+    ``LOCFT_TEST_WORLD=DIR`` keeps it in DIR across sessions (rebuilt there if its recipe changed)."""
     from locft_dist.demo.build import build_tiny_world_model
 
-    return build_tiny_world_model(tmp_path_factory.mktemp("world"), seed=0)
+    keep = os.environ.get("LOCFT_TEST_WORLD")
+    return build_tiny_world_model(Path(keep) if keep else tmp_path_factory.mktemp("world"), seed=0)
 
 
 def shared_data(name: str) -> Path:

@@ -27,9 +27,28 @@ def test_flop_floor_counts_only_the_layers_that_must_run():
     from locft_dist.locate import freeze_all_but, resolve_location
 
     model = build_model(BenchConfig(num_layers=4))
-    examples = synthetic_examples(4, SHAPES["tiny"]["vocab"], 0)
+    examples = synthetic_examples(4, SHAPES["tiny"].vocab, 0)
     floors = []
     for layer in (3, 1):
         freeze_all_but(model, resolve_location(model, [layer], ["mlp.down_proj"]).parameter_names)
         floors.append(floor_flops(model, layer, examples, epochs=5))
     assert floors[0] < floors[1]  # a later edited layer leaves less to run every epoch
+
+
+def test_bench_on_a_model_directory_with_real_edits(tmp_path, capsys, tiny_model_dir):
+    from locft_dist.edits import EditRequest, write_jsonl
+
+    edits = tmp_path / "edits.jsonl"
+    prompts = ["Kesso Varn works as a", "Dorn Asket plays the", "The home city of Mira Quell is"]
+    pairs = [(p, t) for p in prompts for t in ("violin", "amber")]
+    write_jsonl([EditRequest(f"{p} {i}", t) for i, (p, t) in enumerate(pairs)], edits)
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", str(tiny_model_dir), "--edits", str(edits), "--num-edits", "5"]
+    assert main([*args, "--epochs", "3", "--batch-size", "2", "--json", str(out)]) == 0
+    assert str(tiny_model_dir) in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    naive, ours = report["loops"]
+    assert report["num_layers"] == 3 and report["first_layer"] == 2
+    assert report["config"]["num_edits"] == 5 and ours["num_edit_passes"] == 15
+    assert abs(naive["final_loss"] - ours["final_loss"]) < 1e-4 and naive["final_loss"] > 0
+    assert naive["final_accuracy"] == ours["final_accuracy"]

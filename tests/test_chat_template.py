@@ -95,10 +95,10 @@ def test_locality_targets_continue_the_rendered_prompt(chatml):
 
     model = make_random_llama(len(chatml))
     prompts = ["The capital of France is", "It was founded in"]
-    records = locality_targets(model, chatml, prompts, num_tokens=3, encoding=CHAT)
-    for record, ids in zip(records, render_prompt(chatml, prompts, CHAT), strict=True):
-        assert record["input_ids"][: record["num_prompt_tokens"]] == ids
-        assert len(record["input_ids"]) > len(ids)
+    examples = locality_targets(model, chatml, prompts, num_tokens=3, encoding=CHAT)
+    for example, ids in zip(examples, render_prompt(chatml, prompts, CHAT), strict=True):
+        assert list(example.input_ids[: example.num_prompt_tokens]) == list(ids)
+        assert len(example.input_ids) > len(ids)
 
 
 def test_a_chat_run_trains_on_rendered_turns_and_records_its_encoding(chatml, tmp_path):

@@ -10,12 +10,14 @@ import signal
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from conftest import make_random_llama
 from dist_workers import checkpoint_worker as worker
+from safetensors import safe_open
 
-from locft_dist.checkpoint import CheckpointManager, PreemptionFlag, TrainState
+from locft_dist import checkpoint
+from locft_dist.checkpoint import CheckpointManager, TrainState, read_tensors_metadata, tensor_files
+from locft_dist.run.signals import RunSignals, Stopped
 from locft_dist.sampler import BreadthFirstSampler
 
 
@@ -50,6 +52,7 @@ def test_resume_is_bitwise_exact_and_saves_only_trainable(tmp_path):
     _train_llama(model, optimizer, range(2))
     state = TrainState(step=2, sampler=sampler.state().to_dict(), epoch_losses=[2.5], config={"lr": 0.01})
     path = _manager(tmp_path).save(2, model, optimizer, state)
+    saved_weight = model.model.layers[1].mlp.down_proj.weight.detach().clone()
     _train_llama(model, optimizer, range(2, 5))
 
     fresh, fresh_optimizer = _llama()
@@ -67,10 +70,16 @@ def test_resume_is_bitwise_exact_and_saves_only_trainable(tmp_path):
     for (name, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters(), strict=True):
         assert torch.equal(a, b), name
 
-    keys = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    keys = set(read_tensors_metadata(path))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {k.removeprefix("model.") for k in keys if k.startswith("model.")} == trainable
     assert all(k.startswith(("model.", "optim.state.")) for k in keys), "only tensors go through DCP"
+    # plain safetensors files with JSON headers: no pickled DCP .metadata to read
+    assert not (path / ".metadata").exists()
+    (file,) = tensor_files(path)
+    with safe_open(str(file), framework="pt") as handle:
+        assert set(handle.keys()) == keys
+        assert torch.equal(handle.get_tensor("model.model.layers.1.mlp.down_proj.weight"), saved_weight)
     size = sum(f.stat().st_size for f in path.iterdir())
     assert size < 4 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad) + 64_000
 
@@ -135,8 +144,19 @@ def test_keep_last(tmp_path):
     assert [step for step, _ in mgr.step_dirs()] == [4, 3]
 
 
+def test_kept_checkpoints_are_not_hashed_again_on_every_save(tmp_path, monkeypatch):
+    """Each checkpoint's files are hashed once, when written: later saves do not re-read the kept ones."""
+    hashed: list[str] = []
+    real = checkpoint._sha256
+    monkeypatch.setattr(checkpoint, "_sha256", lambda path: hashed.append(path.parent.name) or real(path))
+    _save_steps(tmp_path, range(1, 6), keep_last=3)
+    per_step = {name: hashed.count(name) for name in set(hashed)}
+    assert set(per_step) == {f".step-{step}.tmp" for step in range(1, 6)}, per_step  # only at writing
+    assert len(set(per_step.values())) == 1, per_step  # the same number of files each, hashed once
+
+
 def _damage(path, how: str) -> None:
-    data = next(path.glob("*.distcp"))
+    data = next(path.glob("*.safetensors"))
     if how == "bitflip":
         raw = bytearray(data.read_bytes())
         raw[len(raw) // 2] ^= 0x01
@@ -176,20 +196,21 @@ def test_checkpoint_of_other_parameters_is_refused(tmp_path):
         _manager(tmp_path).load(path, other, worker.make_optimizer(other))
 
 
-def test_preemption_flag(tmp_path):
-    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
-    try:
-        flag = PreemptionFlag()
-        flag.install()
-        assert not flag.should_stop(lambda t: t)
-        os.kill(os.getpid(), signal.SIGUSR1)
-        assert flag.should_stop(lambda t: t)
-        assert flag.received == signal.SIGUSR1
-        flag.uninstall()
-        assert signal.getsignal(signal.SIGUSR1) is not flag._handle
-        assert signal.getsignal(signal.SIGTERM) is not flag._handle
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
+def test_signals_set_a_flag_while_training_and_stop_at_once_elsewhere():
+    previous = {sig: signal.getsignal(sig) for sig in RunSignals.SIGNALS}
+    signals = RunSignals(is_main=False)
+    with signals:
+        with signals.deferred("training"):
+            assert not signals.should_stop(lambda t: t)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert signals.should_stop(lambda t: t) and signals.received == signal.SIGUSR1
+            os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C of the run: still only the flag
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)  # the second one stops at once
+        signals.phase = "evaluating the edited model"
+        with pytest.raises(Stopped, match="SIGTERM while evaluating the edited model"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert {sig: signal.getsignal(sig) for sig in RunSignals.SIGNALS} == previous
 
 
 def _spawn(mode: str, run_dir, out) -> None:
@@ -202,9 +223,9 @@ def test_two_ranks_fsdp_save_and_reshard_both_ways(tmp_path, monkeypatch):
     run2 = tmp_path / "run2"
     _spawn("save", run2, tmp_path)
     path = run2 / "checkpoints" / f"step-{worker.SAVE_STEP}"
-    keys = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    keys = set(read_tensors_metadata(path))
     assert not any(k.startswith(("model.0.", "model.2.bias")) for k in keys), "frozen params were saved"
-    assert len(list(path.glob("*.distcp"))) == 2
+    assert len(tensor_files(path)) == 2
 
     model = worker.make_model()
     optimizer = worker.make_optimizer(model)
@@ -218,3 +239,44 @@ def test_two_ranks_fsdp_save_and_reshard_both_ways(tmp_path, monkeypatch):
     torch.save(worker.full_state(model, optimizer), tmp_path / "saved1.pt")
 
     _spawn("resume", run2, tmp_path)
+
+
+@pytest.mark.parametrize(("min_minutes", "expected"), [(10.0, [9]), (0.0, [3, 6, 9])])
+def test_epoch_end_checkpoints_are_spaced_and_the_last_step_is_kept(
+    tmp_path, tiny_tokenizer, min_minutes, expected
+):
+    """The default policy: an epoch-end save only when the last one is old enough; the last step is
+    always saved (the trained weights, so a rerun that only has to export or evaluate does not retrain)."""
+    from locft_dist.config import load_config
+    from locft_dist.parallel.single import SingleProcess
+    from locft_dist.run.resume import train_resumable
+    from locft_dist.runlog import RunLog
+    from tests.test_trainer import examples_for, setup
+
+    cfg = load_config(
+        None,
+        [
+            "train.epochs=3",
+            "train.batch_size=4",
+            "train.progress=false",
+            "train.early_stop_loss=null",
+            f"output.checkpoint_min_minutes={min_minutes}",
+            f"output.dir={tmp_path}",
+        ],
+    )
+    model, _ = setup(tiny_tokenizer)
+    examples = examples_for(tiny_tokenizer)  # 12 edits: 3 steps an epoch
+    with RunSignals() as signals:
+        result = train_resumable(
+            cfg,
+            SingleProcess("cpu"),
+            model,
+            examples,
+            0,
+            dataset_fingerprint="f",
+            run_log=RunLog(None),
+            signals=signals,
+        )
+    assert result.num_steps == 9
+    steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert steps == expected[-cfg.output.keep_last :]

@@ -152,9 +152,26 @@ def test_apply_writes_a_model_with_the_same_metrics(edited_run, tmp_path):
         out,
         "--no-generation",
     )
-    applied = json.loads(out.read_text())["unedited"]  # the applied model evaluated as a plain model
-    in_run = json.loads((edited_run["dir"] / "metrics.json").read_text())["edited"]
-    close(applied, in_run, keys=("reliability_tf", "generalization_tf"))
+    reported = json.loads(out.read_text())  # the applied model is the edited one; its base is still there
+    in_run = json.loads((edited_run["dir"] / "metrics.json").read_text())
+    close(reported["edited"], in_run["edited"], keys=("reliability_tf", "generalization_tf", "locality_tf"))
+    close(
+        reported["unedited"], in_run["unedited"], keys=("reliability_tf", "generalization_tf", "locality_tf")
+    )
+    assert reported["edited"]["edit_score_tf"] == pytest.approx(in_run["edited"]["edit_score_tf"], abs=1e-6)
+
+
+def test_eval_without_a_delta_scores_the_base_as_edit_does(edited_run, tmp_path):
+    """Locality of the unedited model against itself is 1.0 and its edit score has three parts."""
+    out = tmp_path / "base.json"
+    locft("eval", "--model", edited_run["model"], "--edits", edited_run["edits"], "--json", out)
+    reported = json.loads(out.read_text())
+    assert set(reported) == {"unedited"}
+    in_run = json.loads((edited_run["dir"] / "metrics.json").read_text())["unedited"]
+    assert reported["unedited"]["locality_tf"] == 1.0 and reported["unedited"]["locality_em"] == 1.0
+    close(
+        reported["unedited"], in_run, keys=("reliability_tf", "locality_tf", "edit_score_tf", "edit_score_em")
+    )
 
 
 def test_rerun_is_a_no_op_and_a_changed_config_is_refused(edited_run):
@@ -163,7 +180,8 @@ def test_rerun_is_a_no_op_and_a_changed_config_is_refused(edited_run):
     assert (edited_run["dir"] / "delta.safetensors").stat().st_mtime_ns == before
     proc = locft("edit", *edited_run["args"], "train.lr=1e-3", check=False)
     assert proc.returncode == 2
-    assert "different config" in proc.stderr
+    assert "train.lr: 0.005 in the run, 0.001 now" in proc.stderr, proc.stderr
+    assert f"locft edit --config {edited_run['dir'] / 'config.yaml'}" in proc.stderr  # keeps the checkpoints
 
 
 def test_user_errors_exit_2_with_a_message(tmp_path, tiny_model_dir):

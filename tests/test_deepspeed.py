@@ -14,22 +14,24 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("deepspeed")
 
-from locft_dist.checkpoint import EXIT_PREEMPTED
 from locft_dist.config import load_config
 from locft_dist.edits import write_jsonl
 from locft_dist.errors import ConfigError
 from locft_dist.eval.metrics import METRIC_KEYS
 from locft_dist.parallel.deepspeed import resolve_deepspeed_config
+from locft_dist.run.signals import EXIT_PREEMPTED
 from tests.conftest import REPO
 from tests.test_distributed import (
     ENV,
     EPOCHS,
+    KILL_BY,
     NUM_EDITS,
     delta,
     edit_args,
@@ -171,7 +173,7 @@ def test_optimizer_state_only_for_the_localized_parameters(setup):
 def test_sigkill_mid_epoch_then_rerun_is_bitwise_identical(setup):
     run_dir = setup["tmp"] / "killed"
     args = [*setup["args"], *ZERO3]
-    kill_at = random.Random(os.getpid()).randint(6, 5 * EPOCHS - 4)
+    kill_at = random.Random(os.getpid()).randint(6, KILL_BY)
     proc = start(2, run_dir, args)
     wait_for_step(run_dir, kill_at, proc)
     kill9(proc)
@@ -233,17 +235,22 @@ def test_a_checkpoint_from_other_data_is_refused(setup):
     assert proc.returncode != 0 and "another edit set" in proc.stderr, proc.stderr[-3000:]
 
 
-def test_deepspeed_launcher_runs_the_same_job(setup):
+def test_deepspeed_launcher_runs_the_installed_locft_command(setup):
+    """``deepspeed --num_gpus 2 $(which locft) edit ...`` as typed: the launcher adds ``--local_rank=N``."""
     run_dir = setup["tmp"] / "ds_launcher"
+    bin_dir = Path(sys.executable).parent
+    port = str(29500 + os.getpid() % 1000)
+    launcher = [str(bin_dir / "deepspeed"), "--num_gpus", "2", "--master_port", port]
     proc = subprocess.run(
-        ["bash", "launch/deepspeed.sh", *setup["args"], f"output.dir={run_dir}"],
+        [*launcher, str(bin_dir / "locft"), "edit", *setup["args"], *ZERO3, f"output.dir={run_dir}"],
         capture_output=True,
         text=True,
-        env={**ENV, "NPROC": "2", "MASTER_PORT": str(29500 + os.getpid() % 1000)},
+        env={**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
         cwd=REPO,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--local_rank=1" in proc.stdout + proc.stderr  # the launcher's own log of the command it ran
     assert "dist_world_size=2" in proc.stdout + proc.stderr
     for name, tensor in setup["zero3"].items():
         assert torch.equal(delta(run_dir)[name], tensor)
@@ -251,9 +258,11 @@ def test_deepspeed_launcher_runs_the_same_job(setup):
 
 @pytest.mark.parametrize("backend", ["deepspeed", "fsdp"])
 def test_accelerate_launch_runs_the_same_job(setup, backend):
+    """``accelerate launch ... -m locft_dist edit`` and ``accelerate launch ... $(which locft) edit``."""
     run_dir = setup["tmp"] / f"accelerate_{backend}"
     extra = ZERO3 if backend == "deepspeed" else ["dist.strategy=fsdp"]
-    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
+    launcher = [str(Path(sys.executable).with_name("accelerate")), "launch"]
+    entry = ["-m", "locft_dist"] if backend == "deepspeed" else [str(Path(sys.executable).with_name("locft"))]
     proc = subprocess.run(
         [
             *launcher,
@@ -261,7 +270,8 @@ def test_accelerate_launch_runs_the_same_job(setup, backend):
             f"launch/accelerate_{backend}.yaml",
             "--main_process_port",
             str(29500 + os.getpid() % 1000 + 1),
-            "launch/edit.py",
+            *entry,
+            "edit",
             *setup["args"],
             *extra,
             f"output.dir={run_dir}",

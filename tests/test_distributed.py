@@ -8,18 +8,28 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from locft_dist.checkpoint import EXIT_PREEMPTED
 from locft_dist.edits import write_jsonl
 from locft_dist.eval.metrics import METRIC_KEYS
+from locft_dist.run.signals import EXIT_PREEMPTED
 from tests.conftest import REPO
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 NUM_EDITS, BATCH, EPOCHS = 41, 10, 4  # 5 steps an epoch, the last one a single edit (one rank pads)
+ADAM_EPS = 1e-3
+"""The runs compared across world sizes use Adam with this epsilon, so that atol=1e-5 holds by a margin.
+
+Data parallelism sums each step's per-edit gradients in another float32 order on each world size (here up
+to ~7e-8 apart on gradients of ~0.1; ~1e-9 where the terms cancel). Adam's first update of a weight is
+lr * g / (|g| + eps), whose slope in g is lr / eps at g = 0: with torch's eps = 1e-8 and lr = 1e-2 a weight
+whose first gradient cancels to within rounding of zero amplifies a 1e-9 difference 1e6-fold, to ~1e-5 in
+the delta (1 weight in 16K did here, at random). With eps = 1e-3 the slope is at most 10, which bounds the
+difference over the 20 steps at ~2e-7 (measured: 2.4e-7 between one process and ZeRO-3 on two ranks)."""
 
 
 def edit_args(
@@ -35,12 +45,19 @@ def edit_args(
         f"train.epochs={epochs}",
         "train.progress=false",
         "train.early_stop_loss=null",
+        f"train.adam_eps={ADAM_EPS}",
         f"output.checkpoint_every={checkpoint_every}",
     ]
 
 
-def command(nproc: int, run_dir, args) -> list[str]:
-    launcher = [sys.executable, "-m", "locft_dist.cli"]
+NO_PICKLE = str(REPO / "tests" / "dist_workers" / "no_pickle_locft.py")
+"""``locft`` with pickle.load/loads patched to raise."""
+
+
+def command(nproc: int, run_dir, args, script: str | None = None) -> list[str]:
+    """``python -m locft_dist edit`` or ``torchrun ... -m locft_dist edit`` as typed (or ``script``)."""
+    entry = [script] if script else ["-m", "locft_dist"]
+    launcher = [sys.executable, *entry]
     if nproc > 1:
         launcher = [
             sys.executable,
@@ -48,24 +65,23 @@ def command(nproc: int, run_dir, args) -> list[str]:
             "torch.distributed.run",
             "--standalone",
             f"--nproc_per_node={nproc}",
-            "-m",
-            "locft_dist.cli",
+            *entry,
         ]
     return [*launcher, "edit", *args, f"output.dir={run_dir}"]
 
 
-def run(nproc: int, run_dir, args, check=True) -> subprocess.CompletedProcess:
+def run(nproc: int, run_dir, args, check=True, script: str | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        command(nproc, run_dir, args), capture_output=True, text=True, env=ENV, cwd=REPO, timeout=600
+        command(nproc, run_dir, args, script), capture_output=True, text=True, env=ENV, cwd=REPO, timeout=600
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
 
 
-def start(nproc: int, run_dir, args) -> subprocess.Popen:
+def start(nproc: int, run_dir, args, script: str | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        command(nproc, run_dir, args),
+        command(nproc, run_dir, args, script),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -144,9 +160,15 @@ def test_two_ranks_equal_one_process(setup):
         torch.testing.assert_close(setup["double"][name], tensor, atol=1e-5, rtol=0)
 
 
+KILL_BY = 5 * (EPOCHS - 2) + 2
+"""Bitwise resume is checked where more than an epoch remains, so the resumed run rebuilds the prefix cache
+(with at most one epoch left it trains without: tests/test_prefix_cache_dist.py); a kill lands a step or
+two after the checkpoint it waited for, hence the margin."""
+
+
 def test_sigkill_mid_epoch_then_rerun_is_bitwise_identical(setup):
     run_dir = setup["tmp"] / "killed"
-    kill_at = random.Random(os.getpid()).randint(6, 5 * EPOCHS - 4)  # mid-epoch or at a boundary
+    kill_at = random.Random(os.getpid()).randint(6, KILL_BY)  # mid-epoch or at a boundary
     proc = start(2, run_dir, setup["args"])
     wait_for_step(run_dir, kill_at, proc)
     kill9(proc)
@@ -159,14 +181,74 @@ def test_sigkill_mid_epoch_then_rerun_is_bitwise_identical(setup):
 
 
 @pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)])
-def test_resume_on_another_world_size(setup, first, second):
+def test_resume_on_another_world_size_without_unpickling(setup, first, second):
+    """Both attempts run with pickle.load/loads patched to raise: checkpoints are safetensors + JSON."""
     run_dir = setup["tmp"] / f"resize_{first}_{second}"
-    proc = start(first, run_dir, setup["args"])
+    proc = start(first, run_dir, setup["args"], script=NO_PICKLE)
     wait_for_step(run_dir, 7, proc)
     kill9(proc)
-    run(second, run_dir, setup["args"])
+    resumed = run(second, run_dir, setup["args"], script=NO_PICKLE)
+    assert "UNPICKLED" not in resumed.stderr
+    events = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    (resume,) = [e for e in events if e["event"] == "resume"]
+    assert resume["saved_world_size"] == first and resume["world_size"] == second and resume["step"] >= 7
     for name, tensor in setup["single"].items():
         torch.testing.assert_close(delta(run_dir)[name], tensor, atol=1e-5, rtol=0)
+
+
+def test_the_patch_catches_an_unpickling_checkpoint_reader(setup, tmp_path):
+    """The patched command does fail where something unpickles (here: DCP's default reader)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import runpy, sys, torch, torch.distributed.checkpoint as dcp\n"
+        f"dcp.save({{'x': torch.ones(2)}}, checkpoint_id={str(tmp_path / 'ckpt')!r}, no_dist=True)\n"
+        f"sys.argv = [{NO_PICKLE!r}, '--help']\n"
+        "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        f"dcp.load({{'x': torch.zeros(2)}}, checkpoint_id={str(tmp_path / 'ckpt')!r}, no_dist=True)\n"
+    )
+    proc = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, env=ENV, cwd=REPO)
+    assert proc.returncode != 0 and "UNPICKLED" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_any_checkpoint_of_a_two_rank_run_exports_as_its_delta(setup):
+    """The last checkpoint of the 2-rank run (two safetensors files) assembled on one process = its delta."""
+    from locft_dist.run.export import export_delta
+
+    run_dir = setup["tmp"] / "double"
+    final = 5 * EPOCHS
+    assert len(list((run_dir / "checkpoints" / f"step-{final}").glob("*.safetensors"))) == 2
+    out = export_delta(run_dir, step=final)
+    assert out == run_dir / f"delta-step-{final}.safetensors"
+    exported = load_file(str(out))
+    assert exported.keys() == setup["double"].keys()
+    for name, tensor in setup["double"].items():
+        assert torch.equal(exported[name], tensor), name
+
+
+def test_torchrun_starts_the_installed_locft_command(setup):
+    """``torchrun --nproc_per_node 2 $(which locft) edit ...`` as typed."""
+    run_dir = setup["tmp"] / "console_script"
+    locft = Path(sys.executable).with_name("locft")
+    assert locft.is_file(), f"{locft}: the package is not installed in this environment"
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(locft),
+    ]
+    proc = subprocess.run(
+        [*launcher, "edit", *setup["args"], f"output.dir={run_dir}"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name, tensor in setup["double"].items():
+        assert torch.equal(delta(run_dir)[name], tensor)
 
 
 def test_signal_saves_exits_with_the_preemption_code_and_resumes(setup):
@@ -219,7 +301,7 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(setup):
     wait_for_step(run_dir, 9, proc)
     kill9(proc)
     newest = max((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    victim = max((p for p in newest.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
+    victim = max((p for p in newest.iterdir() if p.suffix == ".safetensors"), key=lambda p: p.stat().st_size)
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from locft_dist.edits.encode import IGNORE_INDEX, collate, encode_pair, pad_token_id, per_example_target_loss
+from locft_dist.edits.encode import IGNORE_INDEX, collate, encode_pair, pad_token_id
 from locft_dist.errors import EncodingError
+from locft_dist.losses import forward_losses
 from tests.conftest import make_random_llama
 
 
@@ -73,13 +74,7 @@ def test_padded_batch_loss_equals_each_example_alone(tiny_tokenizer):
     examples = [encode_pair(tiny_tokenizer, p, t) for p, t in pairs]
     with torch.no_grad():
         batch = collate(examples, pad_id=0)
-        together = per_example_target_loss(
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-            batch["labels"],
-        )
+        together = forward_losses(model, batch)
         for i, ex in enumerate(examples):
-            one = collate([ex], pad_id=0)
-            alone = per_example_target_loss(
-                model(**{k: one[k] for k in ("input_ids", "attention_mask")}).logits, one["labels"]
-            )
+            alone = forward_losses(model, collate([ex], pad_id=0))
             torch.testing.assert_close(together[i], alone[0], atol=1e-5, rtol=1e-5)

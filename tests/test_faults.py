@@ -23,7 +23,7 @@ from locft_dist.checkpoint import CheckpointManager, TrainState, verify
 from locft_dist.cli import main
 from locft_dist.edits import EditRequest, write_jsonl
 from locft_dist.errors import RunDirBusyError, StorageError
-from locft_dist.run_lock import RunDirLock
+from locft_dist.run.lock import RunDirLock
 from tests.conftest import REPO, SENTENCES
 from tests.dist_workers.save_loop import SAMPLER
 from tests.test_distributed import ENV, kill9, start, wait_for_step, workers
@@ -186,7 +186,7 @@ def test_lock_is_exclusive_and_released(tmp_path):
     first = RunDirLock(tmp_path)
     first.acquire()
     holder = subprocess.run(
-        [sys.executable, "-c", f"import locft_dist.run_lock as m; m.RunDirLock({str(tmp_path)!r}).acquire()"],
+        [sys.executable, "-c", f"import locft_dist.run.lock as m; m.RunDirLock({str(tmp_path)!r}).acquire()"],
         capture_output=True,
         text=True,
         env=ENV,

@@ -200,7 +200,9 @@ def test_message_names_file_record_and_field(tmp_path):
     records = [canon(i) for i in range(16)] + [canon(16, target_new=7)]
     message = load_error(write_records(tmp_path / "edits.jsonl", records))
     assert message.endswith(
-        "edits.jsonl: record 17: field 'target_new': must be a non-empty string (got int)"
+        "edits.jsonl: record 17: field 'target_new': must be a non-empty string (got int); to skip invalid "
+        "records and count them: edits.skip_invalid=true (locft edit) or --skip-invalid (locft convert, "
+        "locft eval)"
     )
 
 

@@ -105,10 +105,24 @@ def test_no_rank_holds_a_full_copy(report, key):
     assert sum(r["local_numel"] for r in ranks) == total, ranks
 
 
-def test_decoder_layers_reshard_after_an_inference_forward(report):
-    """FSDP2 keeps only the root group (embeddings, final norm, tied head) gathered after no-grad forward."""
+def test_only_the_root_stays_gathered_after_an_inference_forward(report):
+    """Layers, the embedding and the (tied) head are units resharded after forward; the root keeps only
+    the final norm gathered."""
     for rank, names in enumerate(records(report, "unsharded_after_inference_forward")):
-        assert not [n for n in names if ".layers." in n], f"rank {rank}: {names}"
+        assert names == ["model.norm.weight"], f"rank {rank}: {names}"
+
+
+def test_embedding_and_head_units_and_the_cached_path(report):
+    for rank, r in enumerate(records(report, "units")):
+        where = f"rank {rank}: {r}"
+        assert r["embed_is_unit"] and r["head_shares_the_unit"], where  # tied: one unit for both
+        assert r["units"] == {"embed": True, "head": True}, where
+        # the cached passes start from layer 1's input: the embedding is never all-gathered; the head is
+        # gathered for each forward and again for each backward (it is resharded after forward)
+        assert r["gathers"] == {"embed": 0, "head": 4}, where
+        assert r["unsharded_after_cached_passes"] == [], where  # backward resharded the root too
+        expected = ["model.layers.1.mlp.down_proj.weight"] if rank == 0 else []
+        assert r["gathered_names"] == expected and r["gathered_equal_full"], where
 
 
 def assert_training_invariants(r: dict[str, Any], world_size: int, num_steps: int) -> None:

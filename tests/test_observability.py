@@ -122,20 +122,3 @@ def test_report_of_a_killed_run_and_of_a_non_run(tracked_run, tmp_path, capsys):
     assert "no (running, killed or preempted)" in (killed / "report" / "report.md").read_text()
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "no log.jsonl" in capsys.readouterr().err
-
-
-def test_changing_only_the_logging_keys_is_not_another_run(tmp_path):
-    """A requeued job may add wandb; any key that changes results still makes it another run."""
-    from locft_dist.config import load_config
-    from locft_dist.edit_job import check_run_dir, start_run_dir
-    from locft_dist.errors import ConfigError
-
-    base = [f"output.dir={tmp_path}", "train.lr=1e-2"]
-    start_run_dir(load_config(None, base))
-    tracked = [*base, "logging.wandb_project=p", "logging.wandb_run_id=a"]
-    assert check_run_dir(load_config(None, tracked)) is None
-    with pytest.raises(ConfigError, match="different config"):
-        check_run_dir(load_config(None, [*base, "train.epochs=3"]))
-    (tmp_path / "config.yaml").write_text("{unclosed")
-    with pytest.raises(ConfigError, match="different config"):
-        check_run_dir(load_config(None, base))

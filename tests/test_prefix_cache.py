@@ -8,8 +8,15 @@ import torch
 
 from locft_dist.batching import length_sorted_chunks, rank_chunks
 from locft_dist.edits.encode import collate
+from locft_dist.logits import head_logits
 from locft_dist.parallel.single import SingleProcess
-from locft_dist.prefix_cache import PrefixCache, first_trainable_layer
+from locft_dist.prefix_cache import (
+    DEVICE_FREE_FRACTION,
+    PrefixCache,
+    device_budget_bytes,
+    first_trainable_layer,
+)
+from locft_dist.sampler import BreadthFirstSampler
 from locft_dist.trainer import train_breadth_first
 from tests.conftest import make_random_llama
 from tests.test_trainer import cfg, examples_for, setup
@@ -20,7 +27,7 @@ def _cache_logits(model, first_layer, batch):
     inputs = collate(batch, pad_id=0)
     with torch.no_grad():
         hidden = cache._prefix_hidden(model, inputs)
-        return cache._suffix_logits(model, hidden, inputs), inputs
+        return head_logits(model, cache._suffix_hidden(model, hidden, inputs)), inputs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -41,8 +48,8 @@ def with_augmented_losses(examples):
     out = []
     for i, e in enumerate(examples):
         if i % 2:
-            rows = tuple((1, 2 + i, 5) for _ in range(e.num_target_tokens))
-            e = dataclasses.replace(e, soft_ids=rows, soft_probs=tuple((0.5, 0.3, 0.2) for _ in rows))
+            rows = torch.tensor([[1, 2 + i, 5]] * e.num_target_tokens)
+            e = dataclasses.replace(e, soft_ids=rows, soft_probs=torch.tensor([[0.5, 0.3, 0.2]] * len(rows)))
         out.append(dataclasses.replace(e, weight=3.0) if i % 3 == 0 else e)
     return out
 
@@ -109,3 +116,52 @@ def test_modulo_ownership_covers_each_edit_once_with_equal_pass_counts():
             assert all(i % 3 == r for r, chunks in enumerate(per_rank) for c, _ in chunks for i in c)
     chunks = length_sorted_chunks(batch, lengths, 4)
     assert [lengths[i] for c in chunks for i in c] == sorted(lengths[i] for i in batch)
+
+
+def _layer0_passes(model) -> list[int]:
+    calls: list[int] = []
+    model.model.layers[0].register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    return calls
+
+
+def test_the_epochs_remaining_decide_whether_the_cache_is_built(tiny_tokenizer, caplog):
+    """A resume with one epoch (or nothing) left runs no fill; with more, the cache is built. Either way the
+    run ends where an uninterrupted one does (same ownership, so the same split of every batch)."""
+    examples = examples_for(tiny_tokenizer, n=10)
+    model, trainable = setup(tiny_tokenizer, layers=(-1,))
+    train_breadth_first(model, examples, SingleProcess("cpu"), cfg(epochs=4), pad_id=0)
+    uninterrupted = {n: p.detach().clone() for n, p in trainable}
+
+    model, trainable = setup(tiny_tokenizer, layers=(-1,))
+    strategy = SingleProcess("cpu")
+    optimizer = strategy.build_optimizer(model, cfg())
+    sampler = BreadthFirstSampler(len(examples), 4, 0)
+    kwargs = {"pad_id": 0, "sampler": sampler, "optimizer": optimizer}
+    train_breadth_first(model, examples, strategy, cfg(epochs=3), **kwargs)
+    for epochs_left in (1, 0):
+        calls = _layer0_passes(model)
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            result = train_breadth_first(model, examples, strategy, cfg(epochs=4), **kwargs)
+        assert "prefix cache: 10 edits" not in caplog.text
+        assert f"{epochs_left * len(examples)} edit passes remain" in caplog.text
+        assert sum(calls) == epochs_left * len(examples)  # the uncached passes only: no fill, no self-check
+        assert len(result.epochs) == epochs_left
+    for name, param in trainable:
+        torch.testing.assert_close(param.detach(), uninterrupted[name], atol=1e-6, rtol=0)
+
+    model, _ = setup(tiny_tokenizer, layers=(-1,))
+    calls = _layer0_passes(model)
+    sampler = BreadthFirstSampler(len(examples), 4, 0, consumed=2 * len(examples))  # two epochs left
+    train_breadth_first(model, examples, SingleProcess("cpu"), cfg(epochs=4), pad_id=0, sampler=sampler)
+    assert sum(calls) == len(examples) + 8  # the fill and the self-check, then cached passes only
+
+
+def test_the_device_budget_defaults_to_a_share_of_free_memory(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (6 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 1 * 2**30)
+    cuda = torch.device("cuda", 0)
+    assert device_budget_bytes(cuda, None) == int(DEVICE_FREE_FRACTION * 8 * 2**30)
+    assert device_budget_bytes(cuda, 1.5) == int(1.5 * 2**30)
+    assert device_budget_bytes(torch.device("cpu"), None) is None  # all rows in host memory

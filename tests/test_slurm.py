@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -173,6 +174,28 @@ def reference(cluster, job_setup):
 
 def test_uninterrupted_job_finishes_and_does_not_requeue(reference):
     assert reference and all(t.abs().max() > 1e-3 for t in reference.values())
+
+
+def test_srun_runs_locft_edit_as_typed(cluster, job_setup, reference):
+    """``srun --ntasks 2 locft edit ...`` in an allocation, no torchrun: ranks from SLURM's variables."""
+    tmp = job_setup["tmp"]
+    log, run_dir = tmp / "srun.out", tmp / "srun"
+    locft = Path(sys.executable).with_name("locft")
+    command = shlex.join(
+        ["srun", "--ntasks=2", str(locft), "edit", *job_setup["args"], f"output.dir={run_dir}"]
+    )
+    proc = subprocess.run(
+        ["sbatch", "--parsable", "--ntasks=2", "--cpus-per-task=1", "--time=00:15:00", f"--output={log}",
+         "--wrap", command],
+        capture_output=True, text=True, env={**cluster.env, **job_setup["env"]}, cwd=tmp, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    job = wait_done(cluster, proc.stdout.strip().split(";")[0], log)
+    assert job["JobState"] == "COMPLETED", f"{job}\n{log.read_text()[-4000:]}"
+    setup = json.loads((run_dir / "log.jsonl").read_text().splitlines()[0])
+    assert setup["event"] == "setup" and setup["world_size"] == 2
+    for key, tensor in reference.items():
+        assert torch.equal(delta(run_dir)[key], tensor), key
 
 
 def test_usr1_to_the_batch_shell_saves_requeues_and_resumes(cluster, job_setup, reference):

@@ -49,7 +49,7 @@ def test_cache_matches_direct_encoding_and_is_reused(tiny_tokenizer, tmp_path, m
     assert (second.fingerprint, second.format) == (first.fingerprint, first.format)
     monkeypatch.undo()
     third = _load(edits, tiny_tokenizer, tmp_path / "cache", need_requests=True)
-    assert third.from_cache and third.requests == requests
+    assert third.from_cache and list(third.requests) == requests  # mapped records, parsed on access
 
 
 def test_changed_file_settings_or_tokenizer_miss_the_cache(tiny_tokenizer, tmp_path):
@@ -148,3 +148,32 @@ def test_an_unencodable_edit_is_named_and_nothing_is_cached(tiny_tokenizer, tmp_
     with pytest.raises(EncodingError, match="edit 4"):
         _load(edits, tiny_tokenizer, tmp_path / "cache")
     assert not list((tmp_path / "cache").glob("*.tok"))
+
+
+def test_records_come_from_the_cache_without_parsing_the_edit_file(tmp_path, tiny_tokenizer, monkeypatch):
+    """With the token cache, a run that needs the records (evaluation, augmentation) maps them too: the edit
+    file is parsed once, when the cache is written; later loads parse a record only when it is read."""
+    from locft_dist.edits import EditRequest, LocalityProbe, write_jsonl
+    from locft_dist.edits import token_cache as tc
+    from locft_dist.edits.record_cache import RecordTable
+
+    path = tmp_path / "edits.jsonl"
+    probe = (LocalityProbe("Dorn Asket plays the", "violin"),)
+    requests = [
+        EditRequest(f"Kesso Varn {i} works as a", "glassblower", subject="Kesso", locality_prompts=probe)
+        for i in range(5)
+    ]
+    write_jsonl(requests, path)
+    kwargs = {"encoding": Encoding(), "cache_dir": tmp_path / "cache", "need_requests": True}
+    first = tc.tokenized_edits(str(path), tiny_tokenizer, **kwargs)
+    assert list(first.requests) == requests
+    parsed: list[str] = []
+    real = tc.load_edits
+    monkeypatch.setattr(tc, "load_edits", lambda *a, **k: parsed.append(a[0]) or real(*a, **k))
+    again = tc.tokenized_edits(str(path), tiny_tokenizer, **kwargs)
+    assert again.from_cache and parsed == [] and isinstance(again.requests, RecordTable)
+    assert list(again.requests) == requests and again.requests[-1] == requests[-1]
+    record_file = next((tmp_path / "cache").glob("*.rec"))
+    record_file.write_bytes(record_file.read_bytes()[:-3])  # damaged: rebuilt from the edit file
+    third = tc.tokenized_edits(str(path), tiny_tokenizer, **kwargs)
+    assert parsed == [str(path)] and list(third.requests) == requests

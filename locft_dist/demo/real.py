@@ -114,10 +114,10 @@ def metrics_table(run_dir: Path, title: str) -> str:
 
 
 def compare_generations(
-    model_dir: Path, delta_path: Path, edits_path: Path, encoding: Encoding
+    model_dir: Path, delta_path: Path, edits_path: Path, encoding: Encoding, *, limit: int | None = None
 ) -> list[Generation]:
     """Greedy answers of the base model and of base + delta on edited, paraphrased and unrelated prompts."""
-    requests = load_edits(edits_path).requests
+    requests = load_edits(edits_path, limit=limit).requests
     shown = [r for r in requests if r.subject == "Eiffel Tower"] + [
         r for r in requests if r.subject != "Eiffel Tower"
     ]

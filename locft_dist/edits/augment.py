@@ -8,7 +8,13 @@ their predictions back to where they were.
 
 Both are appended to the edit examples; the breadth-first sampler streams the whole list once per epoch, so
 the seeded order and exact resume are unchanged. Both are generated once, before training, and cached in
-the run directory (``augment.json``): a resumed run reads them back instead of regenerating.
+the run directory (``augment.safetensors``, ``edits/augment_store.py``): a resumed run reads them back.
+
+Generation is sharded: the rows are cut into fixed batches and rank ``r`` runs batches ``r, r + W, ...``;
+the results are gathered in batch order. A batch is computed exactly as one process computes it, so every
+world size produces the same examples. Under FSDP2 and ZeRO-3 a forward is a collective, so ranks with
+fewer batches run a throwaway pass and a batch's greedy loop ends when every rank's rows are done.
+Each step reads the output layer at the last position only (``logits.final_hidden``).
 """
 
 from __future__ import annotations
@@ -16,15 +22,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
+import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import torch
 
 from locft_dist.config import RunConfig
+from locft_dist.edits import augment_store
 from locft_dist.edits.encode import (
     EncodedExample,
     Encoding,
@@ -36,11 +44,36 @@ from locft_dist.edits.encode import (
 from locft_dist.edits.schema import EditRequest
 from locft_dist.errors import EditDataError
 from locft_dist.eval.passes import eval_mode, model_device
+from locft_dist.logits import final_hidden, head_logits
 
 logger = logging.getLogger(__name__)
 
-AUGMENT_FILE = "augment.json"
-AUGMENT_FORMAT = "locft-augment/1"
+AUGMENT_FILE = augment_store.FILE
+T = TypeVar("T")
+
+
+class Shard(Protocol):
+    """What sharded generation needs from a strategy: the rank, and gathering results across ranks."""
+
+    rank: int
+    world_size: int
+
+    def all_gather_object(self, obj: Any) -> list[Any]: ...
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+
+class OneProcess:
+    """The shard of a single process: it runs every batch."""
+
+    rank = 0
+    world_size = 1
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
 
 
 @dataclass
@@ -59,6 +92,40 @@ def enabled(cfg: RunConfig) -> bool:
     )
 
 
+def sharded_batches(
+    num: int, batch_size: int, shard: Shard, run: Callable[[list[int]], list[T]]
+) -> tuple[list[T], list[int]]:
+    """``run`` over rows ``0..num-1`` in fixed batches of ``batch_size``, this rank's batches only, then
+    gathered: every rank gets all ``num`` results in row order, and the rows each rank generated.
+    ``run`` must return one result per row.
+    """
+    if num == 0:
+        return [], [0] * shard.world_size
+    starts = list(range(0, num, batch_size))
+    local: dict[int, list[T]] = {}
+    for round_ in range(math.ceil(len(starts) / shard.world_size)):
+        batch = round_ * shard.world_size + shard.rank
+        if batch < len(starts):
+            rows = list(range(starts[batch], min(starts[batch] + batch_size, num)))
+            local[batch] = run(rows)
+        else:
+            run([0])  # a throwaway pass: under FSDP2/ZeRO-3 every rank must run as many forwards
+    merged: dict[int, list[T]] = {}
+    parts = shard.all_gather_object(local)
+    for part in parts:
+        merged.update(part)
+    rows_by_rank = [sum(len(results) for results in part.values()) for part in parts]
+    return [result for batch in range(len(starts)) for result in merged[batch]], rows_by_rank
+
+
+def _last_logits(model, ids: torch.Tensor, mask: torch.Tensor | None, last: torch.Tensor) -> torch.Tensor:
+    """float32 CPU logits at position ``last[row]`` of each row (the output layer on those rows only)."""
+    inputs = {"input_ids": ids} if mask is None else {"input_ids": ids, "attention_mask": mask}
+    hidden = final_hidden(model, **inputs)
+    rows = torch.arange(ids.shape[0], device=hidden.device)
+    return head_logits(model, hidden[rows, last.to(hidden.device)]).float().cpu()
+
+
 def _start_id(tokenizer) -> int:
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
@@ -67,7 +134,14 @@ def _start_id(tokenizer) -> int:
 
 
 def sample_prefixes(
-    model, tokenizer, num: int, num_tokens: int, seed: int, *, batch_size: int = 64
+    model,
+    tokenizer,
+    num: int,
+    num_tokens: int,
+    seed: int,
+    *,
+    batch_size: int = 64,
+    shard: Shard | None = None,
 ) -> list[str]:
     """``num`` texts of ``num_tokens`` tokens sampled from the model after BOS (temperature 1).
 
@@ -78,20 +152,22 @@ def sample_prefixes(
     device = model_device(model)
     start = _start_id(tokenizer)
     special = sorted(set(tokenizer.all_special_ids))
-    texts: list[str] = []
+
+    def run(rows: list[int]) -> list[str]:
+        ids = torch.full((len(rows), 1), start, dtype=torch.long)
+        for step in range(num_tokens):
+            last = torch.full((len(rows),), ids.shape[1] - 1)
+            probs = torch.softmax(_last_logits(model, ids.to(device), None, last).double(), dim=-1)
+            probs[:, special] = 0.0  # a prefix is text: never sample BOS/EOS/pad
+            cdf = probs.cumsum(-1)
+            u = uniforms[rows, step : step + 1] * cdf[:, -1:]
+            nxt = torch.searchsorted(cdf, u).clamp_max(probs.size(-1) - 1)  # inverse-CDF draw per row
+            ids = torch.cat([ids, nxt], dim=1)
+        return [tokenizer.decode(row[1:].tolist(), skip_special_tokens=True).strip() for row in ids]
+
     with eval_mode(model):
-        for first in range(0, num, batch_size):
-            rows = min(batch_size, num - first)
-            ids = torch.full((rows, 1), start, dtype=torch.long)
-            for step in range(num_tokens):
-                logits = model(input_ids=ids.to(device)).logits[:, -1, :]
-                probs = torch.softmax(logits.double().cpu(), dim=-1)
-                probs[:, special] = 0.0  # a prefix is text: never sample BOS/EOS/pad
-                cdf = probs.cumsum(-1)
-                u = uniforms[first : first + rows, step : step + 1] * cdf[:, -1:]
-                nxt = torch.searchsorted(cdf, u).clamp_max(probs.size(-1) - 1)  # inverse-CDF draw per row
-                ids = torch.cat([ids, nxt], dim=1)
-            texts.extend(tokenizer.decode(row[1:].tolist(), skip_special_tokens=True).strip() for row in ids)
+        texts, rows_by_rank = sharded_batches(num, batch_size, shard or OneProcess(), run)
+    logger.info("pseudo-paraphrase prefixes generated by each rank: %s", rows_by_rank)
     return texts
 
 
@@ -145,59 +221,71 @@ def locality_targets(
     max_length: int | None = None,
     batch_size: int = 64,
     encoding: Encoding | None = None,
-) -> list[dict]:
-    """The unedited model's greedy continuation of each prompt (and its top-k per step when ``top_k``).
+    shard: Shard | None = None,
+) -> list[EncodedExample]:
+    """The unedited model's greedy continuation of each prompt as a training example (the continuation is
+    the target), with its top-k distribution per step as soft targets when ``top_k``.
 
     Prompts are rendered as ``encoding`` says (a user turn under a chat template). A row stops early at
-    EOS (kept as a target). Returns JSON-able records of token ids, so a cached run trains on exactly the
-    tokens the model produced.
+    EOS (kept as a target).
     """
+    shard = shard or OneProcess()
     eos = tokenizer.eos_token_id
     pad = pad_token_id(tokenizer)
     prompt_ids = render_prompt(tokenizer, list(prompts), encoding or Encoding())
     if max_length is not None:
         prompt_ids = [ids[max(0, len(ids) - (max_length - num_tokens)) :] for ids in prompt_ids]
     device = model_device(model)
-    records: list[dict] = []
-    with eval_mode(model):
-        for first in range(0, len(prompts), batch_size):
-            rows = [list(ids) for ids in prompt_ids[first : first + batch_size]]
-            starts = [len(r) for r in rows]
-            soft: list[list[tuple[list[int], list[float]]]] = [[] for _ in rows]
-            done = [False] * len(rows)
-            for _ in range(num_tokens):
-                batch = collate([EncodedExample(tuple(r), len(r)) for r in rows], pad)
-                logits = model(
-                    input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-                ).logits
-                last = torch.tensor([len(r) - 1 for r in rows], device=logits.device)
-                step = logits[torch.arange(len(rows), device=logits.device), last].float().cpu()
-                for i, row in enumerate(rows):
-                    if done[i]:
-                        continue
-                    token = int(step[i].argmax())
-                    if top_k:
-                        probs = torch.softmax(step[i].double(), dim=-1)
-                        values, ids = probs.topk(min(top_k, probs.numel()))
-                        values = values / values.sum()
-                        soft[i].append((ids.tolist(), [float(v) for v in values]))
-                    row.append(token)
-                    done[i] = eos is not None and token == eos
-                if all(done):
-                    break
+
+    def run(rows_of_batch: list[int]) -> list[EncodedExample]:
+        rows = [list(prompt_ids[i]) for i in rows_of_batch]
+        starts = [len(r) for r in rows]
+        soft_ids: list[list[torch.Tensor]] = [[] for _ in rows]
+        soft_probs: list[list[torch.Tensor]] = [[] for _ in rows]
+        done = [False] * len(rows)
+        for _ in range(num_tokens):
+            batch = collate([EncodedExample(tuple(r), len(r)) for r in rows], pad)
+            last = torch.tensor([len(r) - 1 for r in rows])
+            step = _last_logits(
+                model, batch["input_ids"].to(device), batch["attention_mask"].to(device), last
+            )
+            tokens = step.argmax(-1).tolist()
+            if top_k:
+                probs = torch.softmax(step.double(), dim=-1)
+                values, top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+                values = (values / values.sum(-1, keepdim=True)).float()
             for i, row in enumerate(rows):
-                record = {"prompt": prompts[first + i], "input_ids": row, "num_prompt_tokens": starts[i]}
+                if done[i]:
+                    continue
                 if top_k:
-                    record["soft_ids"] = [ids for ids, _ in soft[i]]
-                    record["soft_probs"] = [probs for _, probs in soft[i]]
-                records.append(record)
-    return records
+                    soft_ids[i].append(top[i])
+                    soft_probs[i].append(values[i])
+                row.append(tokens[i])
+                done[i] = eos is not None and tokens[i] == eos
+            # every rank's forwards stay in step: stop once no rank has a row still generating
+            if not shard.all_reduce_max(torch.tensor([0.0 if all(done) else 1.0])).item():
+                break
+        return [
+            EncodedExample(
+                tuple(row),
+                starts[i],
+                soft_ids=torch.stack(soft_ids[i]) if top_k else None,
+                soft_probs=torch.stack(soft_probs[i]) if top_k else None,
+            )
+            for i, row in enumerate(rows)
+        ]
+
+    with eval_mode(model):
+        examples, rows_by_rank = sharded_batches(len(prompt_ids), batch_size, shard, run)
+    logger.info("locality continuations generated by each rank: %s", rows_by_rank)
+    return examples
 
 
 def _key(cfg: RunConfig, edits_fingerprint: str, base_fingerprint: str) -> str:
     """What the cached examples depend on: a changed config, edit set or base model regenerates them."""
     parts = {
-        "augment": {k: v for k, v in vars(cfg.augment).items()},
+        # how generation is batched is not what the examples mean: a new batch size reuses the cache
+        "augment": {k: v for k, v in vars(cfg.augment).items() if k != "batch_size"},
         "edits": edits_fingerprint,
         "base": base_fingerprint,
         "seed": cfg.train.seed,
@@ -228,13 +316,22 @@ def _locality_pool(cfg: RunConfig, requests: Sequence[EditRequest]) -> list[str]
     return pool
 
 
-def _generate(model, tokenizer, requests: Sequence[EditRequest], cfg: RunConfig) -> dict:
+def _generate(
+    model, tokenizer, requests: Sequence[EditRequest], cfg: RunConfig, shard: Shard
+) -> augment_store.Generated:
     aug = cfg.augment
-    cache: dict = {"prefixes": [], "locality": []}
+    generated = augment_store.Generated([], [])
     if aug.paraphrases:
-        logger.info("sampling %d pseudo-paraphrase prefixes per edit", aug.paraphrases)
-        cache["prefixes"] = sample_prefixes(
-            model, tokenizer, len(requests) * aug.paraphrases, aug.paraphrase_tokens, aug.paraphrase_seed
+        num = len(requests) * aug.paraphrases
+        logger.info("sampling %d pseudo-paraphrase prefixes per edit (%d in all)", aug.paraphrases, num)
+        generated.prefixes = sample_prefixes(
+            model,
+            tokenizer,
+            num,
+            aug.paraphrase_tokens,
+            aug.paraphrase_seed,
+            batch_size=aug.batch_size,
+            shard=shard,
         )
     num = round(aug.locality_ratio * len(requests)) if aug.locality_source != "none" else 0
     if num > 0:
@@ -249,19 +346,21 @@ def _generate(model, tokenizer, requests: Sequence[EditRequest], cfg: RunConfig)
             top_k=aug.locality_top_k if aug.locality_loss == "kl" else None,
             max_length=cfg.edits.max_length,
             encoding=Encoding.from_config(cfg.edits),
+            batch_size=aug.batch_size,
+            shard=shard,
         )
-        by_prompt = {t["prompt"]: t for t in targets}
-        cache["locality"] = [by_prompt[p] for p in chosen]
-    return cache
+        by_prompt = dict(zip(unique, targets, strict=True))
+        generated.locality = [by_prompt[p] for p in chosen]
+    return generated
 
 
 def _examples(
-    tokenizer, requests: Sequence[EditRequest], cfg: RunConfig, cache: dict
+    tokenizer, requests: Sequence[EditRequest], cfg: RunConfig, generated: augment_store.Generated
 ) -> list[EncodedExample]:
     aug = cfg.augment
     prompts = [
         paraphrase_prompt(prefix, requests[i // aug.paraphrases].prompt)
-        for i, prefix in enumerate(cache["prefixes"])
+        for i, prefix in enumerate(generated.prefixes)
     ]
     examples = encode_pairs(
         tokenizer,
@@ -269,15 +368,15 @@ def _examples(
         [requests[i // aug.paraphrases].target_new for i in range(len(prompts))] if prompts else [],
         Encoding.from_config(cfg.edits),
     )
-    for record in cache["locality"]:
-        soft = aug.locality_loss == "kl"
+    soft = aug.locality_loss == "kl"
+    for example in generated.locality:
         examples.append(
             EncodedExample(
-                tuple(record["input_ids"]),
-                record["num_prompt_tokens"],
+                example.input_ids,
+                example.num_prompt_tokens,
                 weight=aug.locality_weight,
-                soft_ids=tuple(tuple(r) for r in record["soft_ids"]) if soft else None,
-                soft_probs=tuple(tuple(r) for r in record["soft_probs"]) if soft else None,
+                soft_ids=example.soft_ids if soft else None,
+                soft_probs=example.soft_probs if soft else None,
             )
         )
     return examples
@@ -292,25 +391,18 @@ def build_augmentation(
     edits_fingerprint: str,
     base_fingerprint: str,
     write: bool,
+    shard: Shard | None = None,
 ) -> Augmentation:
-    """Examples to append to the edits: from ``output.dir/augment.json`` if it matches, else generated.
-
-    Every rank generates the same examples (greedy decoding and CPU-seeded sampling are deterministic);
-    only the rank with ``write`` saves them.
-    """
+    """Examples to append to the edits: from ``output.dir/augment.safetensors`` if it matches, else
+    generated (sharded over ``shard``'s ranks and gathered); only the rank with ``write`` saves them."""
     key = _key(cfg, edits_fingerprint, base_fingerprint)
     path = Path(cfg.output.dir) / AUGMENT_FILE
-    cache = None
-    if path.is_file():
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if saved.get("format") == AUGMENT_FORMAT and saved.get("key") == key:
-            cache = saved
-            logger.info("reusing the augmentation cached in %s", path)
-    if cache is None:
-        cache = _generate(model, tokenizer, requests, cfg)
+    generated = augment_store.load(path, key)
+    if generated is not None:
+        logger.info("reusing the augmentation cached in %s", path)
+    else:
+        generated = _generate(model, tokenizer, requests, cfg, shard or OneProcess())
         if write:
-            tmp = path.with_name(f".{AUGMENT_FILE}.tmp")
-            tmp.write_text(json.dumps({"format": AUGMENT_FORMAT, "key": key, **cache}), encoding="utf-8")
-            os.replace(tmp, path)
-    examples = _examples(tokenizer, requests, cfg, cache)
-    return Augmentation(examples, len(cache["prefixes"]), len(cache["locality"]), key)
+            augment_store.save(path, key, generated)
+    examples = _examples(tokenizer, requests, cfg, generated)
+    return Augmentation(examples, len(generated.prefixes), len(generated.locality), key)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -98,15 +98,17 @@ class EncodedExample:
     """Ids of prompt followed by target; the loss applies to positions ``>= num_prompt_tokens``.
 
     Augmented examples (``edits/augment.py``) may carry a loss ``weight`` and, for KL locality supervision,
-    the unedited model's top-k distribution per target token (``soft_ids``/``soft_probs``, one row of k per
-    target token): the loss is then KL(unedited || model) instead of cross-entropy on the target ids.
+    the unedited model's top-k distribution per target token (``soft_ids`` int64 and ``soft_probs`` float32,
+    tensors of shape ``[num_target_tokens, k]``, often views into one flat store): the loss
+    (``locft_dist/losses.py``) is then KL(unedited || model) instead of cross-entropy on the target ids.
+    Equality compares the ids, prompt length and weight only.
     """
 
     input_ids: tuple[int, ...]
     num_prompt_tokens: int
     weight: float = 1.0
-    soft_ids: tuple[tuple[int, ...], ...] | None = None
-    soft_probs: tuple[tuple[float, ...], ...] | None = None
+    soft_ids: torch.Tensor | None = field(default=None, compare=False)
+    soft_probs: torch.Tensor | None = field(default=None, compare=False)
 
     @property
     def num_target_tokens(self) -> int:
@@ -350,63 +352,18 @@ def collate(examples: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.
 
 def _collate_soft(examples: Sequence[EncodedExample], width: int) -> dict[str, torch.Tensor]:
     """Top-k targets laid out like ``labels`` (at the target token's position); probs 0 elsewhere."""
-    k = max(len(e.soft_ids[0]) for e in examples if e.soft_ids)
+    k = max(e.soft_ids.shape[1] for e in examples if e.soft_ids is not None)
     soft_ids = torch.zeros((len(examples), width, k), dtype=torch.long)
     soft_probs = torch.zeros((len(examples), width, k), dtype=torch.float32)
     is_soft = torch.zeros(len(examples), dtype=torch.bool)
     for row, example in enumerate(examples):
         if example.soft_ids is None or example.soft_probs is None:
             continue
-        if len(example.soft_ids) != example.num_target_tokens:
-            raise ValueError("soft targets need one top-k row per target token")
+        ids, probs = example.soft_ids, example.soft_probs
+        if ids.shape[0] != example.num_target_tokens or ids.shape != probs.shape:
+            raise ValueError("soft targets need one top-k row of ids and of probabilities per target token")
         is_soft[row] = True
-        start = example.num_prompt_tokens
-        for offset, (ids, probs) in enumerate(zip(example.soft_ids, example.soft_probs, strict=True)):
-            soft_ids[row, start + offset, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            soft_probs[row, start + offset, : len(probs)] = torch.tensor(probs, dtype=torch.float32)
+        start, stop = example.num_prompt_tokens, len(example.input_ids)
+        soft_ids[row, start:stop, : ids.shape[1]] = ids
+        soft_probs[row, start:stop, : probs.shape[1]] = probs
     return {"soft_ids": soft_ids, "soft_probs": soft_probs, "is_soft": is_soft}
-
-
-def per_example_target_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over each example's target tokens (shape ``[batch]``), in float32.
-
-    Averaging per example first and then over the batch (rather than over all tokens) weighs every edit
-    equally whatever its target length, as the LocFT reference loop does.
-    """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    token_loss = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(shift_labels.shape)
-    mask = (shift_labels != IGNORE_INDEX).float()
-    return (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
-
-
-def per_example_kl_loss(
-    logits: torch.Tensor, labels: torch.Tensor, soft_ids: torch.Tensor, soft_probs: torch.Tensor
-) -> torch.Tensor:
-    """Mean over target tokens of KL(p || model), p the stored top-k distribution (shape ``[batch]``).
-
-    p is the unedited model's distribution renormalized over its top k tokens; the model's log-probs come
-    from the full softmax, so the loss is zero only where the model puts the same mass on those tokens.
-    """
-    log_q = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
-    ids, probs = soft_ids[:, 1:, :], soft_probs[:, 1:, :]
-    log_q_k = torch.gather(log_q, -1, ids)
-    token_kl = (probs * (torch.log(probs.clamp_min(1e-12)) - log_q_k)).sum(-1)
-    mask = (labels[:, 1:] != IGNORE_INDEX).float()
-    return (token_kl * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
-
-
-def per_example_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Each example's training loss: target CE, or KL where it has soft targets, times its weight."""
-    losses = per_example_target_loss(logits, batch["labels"])
-    if "is_soft" in batch:
-        kl = per_example_kl_loss(logits, batch["labels"], batch["soft_ids"], batch["soft_probs"])
-        losses = torch.where(batch["is_soft"], kl, losses)
-    if "weights" in batch:
-        losses = losses * batch["weights"]
-    return losses

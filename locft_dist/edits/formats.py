@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from locft_dist import outputs
 from locft_dist.edits.schema import EditRequest, LocalityProbe
 from locft_dist.errors import EditDataError
 
@@ -321,6 +321,12 @@ def _build(fmt: str, record: dict[str, Any], path: str, num: int) -> EditRequest
         raise EditDataError(f"{path}: record {num}: field '{field}': {problem}{hint}") from None
 
 
+SKIP_HINT = (
+    "to skip invalid records and count them: edits.skip_invalid=true (locft edit) or --skip-invalid "
+    "(locft convert, locft eval)"
+)
+
+
 def load_edits(
     path: str | Path, format: str = "auto", *, skip_invalid: bool = False, limit: int | None = None
 ) -> EditSet:
@@ -360,7 +366,7 @@ def load_edits(
                 )
         except EditDataError as err:
             if not skip_invalid:
-                raise
+                raise EditDataError(f"{err}; {SKIP_HINT}") from None
             num_skipped += 1
             if len(reasons) < _MAX_REASONS:
                 reasons.append(str(err))
@@ -384,22 +390,15 @@ def write_jsonl(requests: Iterable[EditRequest], path: str | Path) -> int:
     Each record is checked to read back, so the output is always loadable. Returns the number written.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            num = 0
-            for num, request in enumerate(requests, start=1):
-                record = request.to_json()
-                _build("jsonl", record, str(path), num)
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    mode = path.stat().st_mode & 0o777 if path.is_file() else None  # a rewritten file keeps its mode
+    with outputs.atomic_path(path, mode=mode) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        num = 0
+        for num, request in enumerate(requests, start=1):
+            record = request.to_json()
+            _build("jsonl", record, str(path), num)
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     return num
 
 
@@ -412,6 +411,7 @@ def convert(
     limit: int | None = None,
 ) -> EditSet:
     """Load ``in_path`` in any supported format and write it as canonical JSONL; returns what was loaded."""
+    outputs.check_writable(out_path, "output")  # before reading a large input
     edit_set = load_edits(in_path, format, skip_invalid=skip_invalid, limit=limit)
     write_jsonl(edit_set.requests, out_path)
     return edit_set

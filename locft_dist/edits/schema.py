@@ -45,6 +45,26 @@ class EditRequest:
         record["locality_prompts"] = [{"prompt": p.prompt, "answer": p.answer} for p in self.locality_prompts]
         return record
 
+    @staticmethod
+    def from_json(record: dict[str, Any]) -> EditRequest:
+        """The request ``to_json`` wrote (trusted: no validation; edit files go through ``formats``)."""
+        return _from_json(record)
+
+
+def _probe(record: dict[str, Any]) -> LocalityProbe:
+    return LocalityProbe(record["prompt"], record["answer"])
+
+
+def _from_json(record: dict[str, Any]) -> EditRequest:
+    return EditRequest(
+        prompt=record["prompt"],
+        target_new=record["target_new"],
+        subject=record.get("subject"),
+        target_true=record.get("target_true"),
+        rephrase_prompts=tuple(record.get("rephrase_prompts", ())),
+        locality_prompts=tuple(_probe(p) for p in record.get("locality_prompts", ())),
+    )
+
 
 def edits_fingerprint(requests: Iterable[EditRequest]) -> str:
     """A stable hash of the edit set, in order; checkpoints record it so resume refuses other data."""

@@ -3,9 +3,9 @@
 A 100K-edit file costs ~50 s to parse and tokenize and, held as Python objects (records, tuples of ints),
 several hundred MiB of host memory per rank. The encoded set is written once to a cache file keyed by the
 edit file's sha256, the loader settings, every ``Encoding`` field with the encoder's version, and the
-tokenizer (its definition, special ids and chat template); a later run, a resumed run and the
-other ranks map that file instead, and, when nothing else needs the parsed records (no evaluation, no
-augmentation), do not parse the edit file at all.
+tokenizer (its definition, special ids and chat template); a later run, a resumed run and the other ranks
+map that file instead and do not parse the edit file at all: the validated records are kept beside it
+(``edits/record_cache.py``) and read one at a time by evaluation and augmentation.
 
 File layout (native little-endian): ``MAGIC``, a uint64 header length, a JSON header (key, counts, the
 payload's sha256, the edit set's fingerprint and load summary), zero padding to 8 bytes, then ``offsets``
@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import struct
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,10 @@ from typing import Any, overload
 
 import numpy as np
 
+from locft_dist import outputs
 from locft_dist.edits.encode import EncodedExample, Encoding, encode_pair, encode_pairs
 from locft_dist.edits.formats import load_edits
+from locft_dist.edits.record_cache import CorruptRecordsError, read_records, write_records
 from locft_dist.edits.schema import EditRequest, edits_fingerprint
 from locft_dist.errors import EncodingError
 
@@ -78,10 +79,11 @@ class TokenTable(Sequence[EncodedExample]):
 
 @dataclass
 class TokenizedEdits:
-    """What a run needs from its edit file; ``requests`` is None when read from the cache unparsed."""
+    """What a run needs from its edit file; ``requests`` is None when not asked for, and a mapped
+    ``RecordTable`` (records parsed on access) when read through the cache."""
 
     examples: TokenTable
-    requests: list[EditRequest] | None
+    requests: Sequence[EditRequest] | None
     fingerprint: str
     format: str
     num_skipped: int
@@ -182,19 +184,12 @@ def write_cache(path: Path, key: str, table: TokenTable, meta: dict[str, Any]) -
     }
     blob = json.dumps(header, sort_keys=True).encode("utf-8")
     blob += b" " * _pad8(len(MAGIC) + 8 + len(blob))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(MAGIC + struct.pack("<Q", len(blob)) + blob)
-            for part in payload:
-                handle.write(part)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with outputs.atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(MAGIC + struct.pack("<Q", len(blob)) + blob)
+        for part in payload:
+            handle.write(part)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 class CorruptCacheError(Exception):
@@ -239,6 +234,25 @@ def read_cache(path: Path, key: str) -> tuple[TokenTable, dict[str, Any]]:
         raise CorruptCacheError(str(err)) from None
 
 
+def _cached_requests(
+    cache_path: Path, key: str, path: str, format: str, skip_invalid: bool, limit: int | None
+) -> Sequence[EditRequest]:
+    """The records written beside the token cache, mapped and parsed one at a time on access; the edit file
+    is parsed (and the record file rewritten) only when that file is missing or fails its checks."""
+    record_path = cache_path.with_suffix(".rec")
+    try:
+        return read_records(record_path, key)
+    except (CorruptRecordsError, OSError) as err:
+        if record_path.exists():
+            logger.warning("record cache %s is unusable (%s): rebuilding it", record_path, err)
+    requests = load_edits(path, format, skip_invalid=skip_invalid, limit=limit).requests
+    try:
+        write_records(record_path, key, requests)
+    except OSError as err:
+        logger.warning("cannot write the record cache %s (%s)", record_path, err)
+    return requests
+
+
 def tokenized_edits(
     path: str,
     tokenizer,
@@ -267,9 +281,11 @@ def tokenized_edits(
             except (CorruptCacheError, OSError) as err:
                 logger.warning("token cache %s is unusable (%s): rebuilding it", cache_path, err)
             else:
-                requests = None
-                if need_requests:
-                    requests = load_edits(path, format, skip_invalid=skip_invalid, limit=limit).requests
+                requests = (
+                    _cached_requests(cache_path, key, path, format, skip_invalid, limit)
+                    if need_requests
+                    else None
+                )
                 logger.info("%d encoded edits mapped from the token cache %s", len(table), cache_path)
                 return TokenizedEdits(
                     table,
@@ -292,6 +308,7 @@ def tokenized_edits(
     if cache_path is not None:
         try:
             write_cache(cache_path, key, table, meta)
+            write_records(cache_path.with_suffix(".rec"), key, edit_set.requests)
             logger.info("wrote the token cache %s", cache_path)
         except OSError as err:
             logger.warning("cannot write the token cache %s (%s): continuing without it", cache_path, err)

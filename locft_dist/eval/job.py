@@ -8,6 +8,11 @@ With a delta, everything that decides what is measured comes from the run that m
 from its config; flags fill in only what a delta does not say. Cheap checks come before any model pass:
 the delta's base fingerprint against the model directory's tensors, the edit file, the ``--json``
 destination. Under several processes the model is sharded with FSDP2 and each rank evaluates its share.
+
+A model written by ``locft apply`` is the edited one: when its recorded base is still there unchanged,
+the base is evaluated as the unedited column (the locality reference) and the edited tensors' difference
+is added to it, so both columns come from one load; when the base is gone, only the edited column is
+reported and locality is not measured.
 """
 
 from __future__ import annotations
@@ -18,14 +23,22 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from locft_dist import outputs
 from locft_dist.config import LocateConfig, RunConfig
-from locft_dist.delta import Delta, check_base, read_base_tensors, read_delta
+from locft_dist.delta import (
+    Delta,
+    applied_record,
+    check_base,
+    fingerprint_tensors,
+    read_base_tensors,
+    read_delta,
+)
 from locft_dist.edits import load_edits
 from locft_dist.edits.encode import Encoding
 from locft_dist.errors import ConfigError
 from locft_dist.eval.evaluate import EvalSettings, Evaluator
 from locft_dist.eval.metrics import EditMetrics
-from locft_dist.eval.table import check_writable, format_metrics_table, save_metrics
+from locft_dist.eval.table import format_metrics_table, save_metrics
 from locft_dist.model import DTYPES, check_model_dir, load_tokenizer
 from locft_dist.parallel import make_strategy
 
@@ -94,6 +107,7 @@ def run_eval(
     json_out: str | None = None,
     edits_format: str = "auto",
     limit: int | None = None,
+    skip_invalid: bool = False,
     batch_size: int = 256,
     generation: bool = True,
     max_new_tokens: int | None = None,
@@ -110,14 +124,19 @@ def run_eval(
         raise ConfigError(f"--strategy {strategy!r}: locft eval runs with auto, none or fsdp")
     check_model_dir(model_dir)
     if json_out:
-        check_writable(json_out)
+        outputs.check_writable(json_out, "--json")  # before the evaluation, not after it
     delta = read_delta(delta_path) if delta_path else None
+    shown_dir, base_known = model_dir, True
+    if delta is None and (applied := applied_delta(model_dir)) is not None:
+        model_dir, delta = applied  # the base, plus what apply added to it
+    elif delta is None and applied_record(model_dir) is not None:
+        base_known = False
     if delta is not None:  # before anything is loaded or run
         check_base(delta, read_base_tensors(model_dir, list(delta.tensors)), str(model_dir))
     encoding = resolve_encoding(delta, encoding_flags or EncodingFlags())
     if max_new_tokens is None:
         max_new_tokens = _run_setting(delta, "eval", "max_new_tokens") or EvalSettings().max_new_tokens
-    requests = load_edits(edits_path, edits_format, limit=limit).requests
+    requests = load_edits(edits_path, edits_format, limit=limit, skip_invalid=skip_invalid).requests
     tokenizer = load_tokenizer(model_dir)
 
     cfg = RunConfig()
@@ -131,7 +150,10 @@ def run_eval(
             tokenizer, requests, encoding=encoding, settings=settings, ranks=ranks, source=edits_path
         )
         if delta is None:
-            results = {"unedited": evaluator.edited(model, None, heldout)}
+            own = evaluator.edited(model, None, heldout)
+            if not base_known:
+                own = _without_locality(own)
+            results = {"unedited" if base_known else "edited": own}
         else:
             from locft_dist.parallel.add_tensors import add_to_parameters
 
@@ -140,10 +162,51 @@ def run_eval(
             edited = evaluator.edited(model, reference, heldout, perplexity_base=base.perplexity)
             results = {"unedited": base, "edited": edited}
         if ranks.is_main:
-            print(format_metrics_table(results, title=f"{model_dir} on {Path(edits_path).name}"))
+            print(format_metrics_table(results, title=f"{shown_dir} on {Path(edits_path).name}"))
             if json_out:
                 save_metrics(json_out, {name: m.to_dict() for name, m in results.items()})
         ranks.barrier()
         return results
     finally:
         ranks.close()
+
+
+def applied_delta(model_dir: str) -> tuple[str, Delta] | None:
+    """For a model written by ``locft apply`` whose base is still there unchanged: (base directory, the
+    difference of the edited tensors, carrying the applied delta's metadata). None for any other model,
+    or when the base is gone or changed (a warning says locality is not measured)."""
+    record = applied_record(model_dir)
+    if record is None:
+        return None
+    base = record.get("base_model")
+    try:
+        names = list(record["tensors"])
+        base_tensors = read_base_tensors(base, names)
+        if fingerprint_tensors(base_tensors) != record["metadata"].get("locft.base_fingerprint"):
+            logger.warning(
+                "%s was edited from %s, which has changed since: locality is not measured", model_dir, base
+            )
+            return None
+        edited = read_base_tensors(model_dir, names)
+    except (OSError, ValueError, KeyError, TypeError) as err:  # moved or deleted: no locality reference
+        logger.warning(
+            "%s was edited from %s, which cannot be read (%s): locality is not measured", model_dir, base, err
+        )
+        return None
+    logger.info("%s is %s edited by %s: evaluating both", model_dir, base, record.get("delta"))
+    difference = {name: edited[name].float() - base_tensors[name].float() for name in names}
+    return str(base), Delta(tensors=difference, metadata=dict(record["metadata"]))
+
+
+def _without_locality(metrics: EditMetrics) -> EditMetrics:
+    """An edited model without its base: locality, and the edit scores that include it, are not measured."""
+    return replace(
+        metrics,
+        locality_tf=None,
+        locality_em=None,
+        locality_wild=None,
+        edit_score_tf=None,
+        edit_score_em=None,
+        edit_score_wild=None,
+        num_edits_with_locality=0,
+    )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from locft_dist.edits.encode import EncodedExample, Encoding, encode_pairs
 from locft_dist.edits.schema import EditRequest
-from locft_dist.errors import ConfigError, EncodingError
+from locft_dist.errors import EncodingError
 
 
 @dataclass(frozen=True)
@@ -53,22 +53,7 @@ def encode_probes(
     tokenizer, encoding: Encoding, prompts: Sequence[str], answers: Sequence[str]
 ) -> list[EncodedExample]:
     """(prompt, answer) pairs encoded with ``encoding`` as evaluation probes (no EOS after the answer)."""
-    probe = encoding.for_probes()
-    kwargs = {
-        "target_prefix": probe.target_prefix,
-        "append_eos": probe.append_eos,
-        "max_length": probe.max_length,
-    }
-    if probe.chat_template != "none":
-        kwargs["chat_template"] = probe.chat_template
-    try:
-        return encode_pairs(tokenizer, list(prompts), list(answers), **kwargs)
-    except TypeError as err:
-        if "chat_template" in kwargs and "chat_template" in str(err):
-            raise ConfigError(
-                f"edits.chat_template={probe.chat_template} is not supported by this build's encoder"
-            ) from None
-        raise
+    return encode_pairs(tokenizer, list(prompts), list(answers), encoding.for_probes())
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from locft_dist import outputs
 from locft_dist.eval.metrics import EditMetrics
 
 TABLE_ROWS = (
@@ -59,20 +57,6 @@ def format_metrics_table(columns: dict[str, EditMetrics | dict[str, Any]], title
     return "\n".join(lines)
 
 
-def check_writable(path: str | Path) -> Path:
-    """Fail now, not after an hour of evaluation, if ``path`` cannot be written (creates its directory)."""
-    path = Path(path)
-    if path.is_dir():
-        raise OSError(f"{path} is a directory; give a file name for the metrics")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".check")
-    os.close(fd)
-    os.unlink(probe)
-    if path.exists() and not os.access(path, os.W_OK):
-        raise PermissionError(f"{path} exists and is not writable")
-    return path
-
-
 def save_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
     """Write metrics as JSON atomically (temp file + rename): a killed job never leaves half a file."""
     path = Path(path)
@@ -83,16 +67,4 @@ def save_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
             return value.to_dict()
         raise TypeError(f"cannot write {type(value).__name__} to metrics JSON")
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(metrics, f, indent=2, sort_keys=True, default=default)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; metrics are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    outputs.write_text(path, json.dumps(metrics, indent=2, sort_keys=True, default=default) + "\n")

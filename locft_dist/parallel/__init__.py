@@ -7,9 +7,12 @@ import os
 from locft_dist.config import RunConfig
 from locft_dist.errors import ConfigError
 from locft_dist.parallel.base import Strategy
+from locft_dist.parallel.process_group import adopt_slurm_env
 
 
 def world_size_from_env() -> int:
+    """The job's size as its launcher set it (torchrun, deepspeed, accelerate, or srun's own variables)."""
+    adopt_slurm_env()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 

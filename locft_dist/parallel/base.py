@@ -6,7 +6,7 @@ under FSDP2 or under DeepSpeed.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -60,8 +60,17 @@ class Strategy(Protocol):
 
     def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable, made by this job), in rank order, on every rank."""
+        ...
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """The main rank's ``obj`` on every rank (the others pass None)."""
+        ...
+
     def gather_trainable(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Full float32 copies of the trainable tensors keyed by HF parameter name (on CPU, main rank)."""
+        """Full float32 copies of the trainable tensors keyed by HF parameter name, on CPU, on the main rank
+        only (the others get an empty dict); a collective."""
         ...
 
     def barrier(self) -> None: ...

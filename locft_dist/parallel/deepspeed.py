@@ -6,9 +6,11 @@ so each parameter is partitioned as soon as it is created -> resolve the locatio
 else -> build our optimizer over the localized parameters only -> ``deepspeed.initialize`` with it as the
 client optimizer, so ZeRO keeps fp32 partitions and Adam moments for the localized parameters only.
 
-The delta and checkpoints gather the trainable tensors only (``safe_get_full_fp32_param`` /
-``safe_get_full_optimizer_state``) and checkpoints go through the same DCP + manifest scheme as FSDP, keyed
-by HF parameter name, so a DeepSpeed checkpoint resumes on any world size (see docs/deepspeed.md).
+The delta gathers the trainable fp32 masters to rank 0 only, one tensor at a time. Checkpoints hold the
+trainable fp32 masters and Adam moments as dim-0-sharded DTensors in FSDP2's layout, keyed by HF parameter
+name, through the same DCP + manifest scheme as FSDP: under ZeRO-3 each rank's flat partitions are moved
+into its row chunk by one all-to-all per tensor, so no rank holds a whole weight or moment, and a DeepSpeed
+checkpoint resumes on any world size and under FSDP (see docs/deepspeed.md).
 
 Launch: ``deepspeed --num_gpus N launch/edit.py dist.strategy=deepspeed ...`` (gloo on CPU, NCCL on GPU).
 """
@@ -26,6 +28,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
 
 from locft_dist.config import LocateConfig, ModelConfig, RunConfig, TrainConfig
 from locft_dist.errors import ConfigError
@@ -34,6 +38,7 @@ from locft_dist.model import DTYPES, check_model_dir
 from locft_dist.optim import build_optimizer, set_lr
 from locft_dist.parallel.memory import log_memory
 from locft_dist.parallel.process_group import ProcessGroupCollectives, init_process_group
+from locft_dist.parallel.reshard import flat_to_rows, local_rows, rows_to_flat
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +129,7 @@ class DeepSpeedStrategy(ProcessGroupCollectives):
             cfg.model.device, cfg.dist.timeout_minutes
         )
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+        self.mesh = init_device_mesh(self.device.type, (self.world_size,))  # checkpoints' DTensor layout
         self.cfg = cfg
         self.ds_config = resolve_deepspeed_config(cfg, self.world_size)
         self.stage = int(self.ds_config["zero_optimization"]["stage"])
@@ -224,48 +230,103 @@ class DeepSpeedStrategy(ProcessGroupCollectives):
     # -- communication -------------------------------------------------------------------------------------
 
     def gather_trainable(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """fp32 master copies of the trainable tensors only (a collective: every rank must call it)."""
-        from deepspeed.utils import safe_get_full_fp32_param
+        """fp32 master copies of the trainable tensors on rank 0 only, one tensor at a time; the other ranks
+        get an empty dict (a collective: every rank must call it).
 
+        ZeRO-3: each rank's fp32 partition is gathered to rank 0 (no all-gather). ZeRO-2 keeps the model whole
+        on every rank by design; its fp32 master of one tensor is assembled on every rank and dropped at once
+        outside rank 0.
+        """
         out = {}
         for name, param in self.trainable_parameters(model):
-            full = safe_get_full_fp32_param(param)
-            assert full is not None, f"{name} is not managed by the ZeRO optimizer"
-            out[name] = (
-                full.detach().to(device="cpu", dtype=torch.float32).reshape(_full_shape(param)).clone()
-            )
+            if self.stage == 3:
+                full = self._gather_partition(param, self._local_fp32(param, None))
+            else:
+                full = self._full_fp32(param, None)
+                full = full if self.rank == 0 else None
+            if full is not None:
+                out[name] = full.detach().to(device="cpu", dtype=torch.float32).clone()
         return out
+
+    def _local_fp32(self, param: nn.Parameter, key: str | None) -> torch.Tensor:
+        """ZeRO-3: this rank's flat fp32 partition of the master weight (``key=None``) or an Adam moment."""
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+        local = (
+            safe_get_local_fp32_param(param) if key is None else safe_get_local_optimizer_state(param, key)
+        )
+        assert local is not None and local.numel() == param.ds_tensor.numel(), "a ZeRO-3 trainable partition"
+        return local
+
+    def _full_fp32(self, param: nn.Parameter, key: str | None) -> torch.Tensor:
+        """ZeRO-2: the whole fp32 master weight (``key=None``) or Adam moment of one tensor."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        full = safe_get_full_fp32_param(param) if key is None else safe_get_full_optimizer_state(param, key)
+        assert full is not None, "a parameter managed by the ZeRO optimizer"
+        return full.reshape(_full_shape(param))
+
+    def _gather_partition(self, param: nn.Parameter, local: torch.Tensor) -> torch.Tensor | None:
+        """ZeRO-3 flat partitions joined into the whole tensor on rank 0 (None elsewhere)."""
+        parts = [torch.empty_like(local) for _ in range(self.world_size)] if self.rank == 0 else None
+        dist.gather(local.contiguous(), parts, dst=0)
+        if parts is None:
+            return None
+        return torch.cat(parts)[: _full_numel(param)].view(_full_shape(param))
 
     # -- checkpoint state (used by checkpoint.CheckpointManager) ------------------------------------------
 
-    def checkpoint_tensors(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, bool]:
-        """Full trainable weights and Adam state keyed like FSDP's DCP state dicts (collective)."""
-        from deepspeed.utils import safe_get_full_optimizer_state
+    def _rows(self, param: nn.Parameter, key: str | None) -> torch.Tensor:
+        """This rank's dim-0 chunk (FSDP2's layout) of the fp32 master weight or an Adam moment."""
+        if self.stage == 3:  # one all-to-all from the flat partitions: nobody holds the whole tensor
+            return flat_to_rows(self._local_fp32(param, key), _full_shape(param), self.rank, self.world_size)
+        return local_rows(self._full_fp32(param, key), self.rank, self.world_size)
 
+    def _dtensor(self, rows: torch.Tensor, param: nn.Parameter) -> DTensor:
+        shape = _full_shape(param)
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(
+            rows.to(device=self.device, dtype=torch.float32),
+            self.mesh,
+            [Shard(0)],
+            run_check=False,
+            shape=shape,
+            stride=stride,
+        )
+
+    def checkpoint_tensors(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, bool]:
+        """Trainable fp32 weights and Adam moments as dim-0-sharded DTensors keyed like FSDP2's DCP state
+        dicts: each rank holds and writes its chunk only (collective)."""
         inner = _inner_optimizer(optimizer)
         has_state = bool(inner.state)
-        tensors: dict[str, Any] = {"model": self.gather_trainable(model)}
+        params = self.trainable_parameters(model)
+        tensors: dict[str, Any] = {"model": {n: self._dtensor(self._rows(p, None), p) for n, p in params}}
         if has_state:
             step = next(iter(inner.state.values()))["step"]
             state = {}
-            for name, param in self.trainable_parameters(model):
-                entry = {"step": torch.as_tensor(step, dtype=torch.float32).detach().clone().cpu()}
+            for name, param in params:
+                entry: dict[str, Any] = {"step": torch.as_tensor(step, dtype=torch.float32).detach().clone()}
                 for key in _ADAM_STATE_KEYS:
-                    full = safe_get_full_optimizer_state(param, key)
-                    entry[key] = full.detach().float().cpu().reshape(_full_shape(param)).clone()
+                    entry[key] = self._dtensor(self._rows(param, key), param)
                 state[name] = entry
             tensors["optim"] = {"state": state}
         return tensors, has_state
 
     def checkpoint_template(self, model: nn.Module, has_optimizer_state: bool) -> dict:
-        """Zero tensors of the shapes ``checkpoint_tensors`` writes, for DCP to load into."""
+        """Zero DTensors of the layout ``checkpoint_tensors`` writes, for DCP to load into."""
+
+        def zeros(param: nn.Parameter) -> DTensor:
+            shape = local_rows(
+                torch.empty(_full_shape(param), device="meta"), self.rank, self.world_size
+            ).shape
+            return self._dtensor(torch.zeros(shape, device=self.device), param)
+
         params = self.trainable_parameters(model)
-        tensors: dict[str, Any] = {"model": {n: torch.zeros(_full_shape(p)) for n, p in params}}
+        tensors: dict[str, Any] = {"model": {n: zeros(p) for n, p in params}}
         if has_optimizer_state:
             tensors["optim"] = {
                 "state": {
-                    n: {"step": torch.zeros(()), **{k: torch.zeros(_full_shape(p)) for k in _ADAM_STATE_KEYS}}
-                    for n, p in params
+                    n: {"step": torch.zeros(()), **{k: zeros(p) for k in _ADAM_STATE_KEYS}} for n, p in params
                 }
             }
         return tensors
@@ -274,10 +335,7 @@ class DeepSpeedStrategy(ProcessGroupCollectives):
     def load_checkpoint_tensors(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict
     ) -> None:
-        """Put loaded full tensors into the engine: the module's partitions, fp32 masters and Adam state."""
-        import deepspeed
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
+        """Put loaded chunks into the engine: the module's partitions, fp32 masters and Adam state."""
         inner = _inner_optimizer(optimizer)
         if "optim" in tensors:
             steps = {float(s["step"]) for s in tensors["optim"]["state"].values()}
@@ -291,19 +349,47 @@ class DeepSpeedStrategy(ProcessGroupCollectives):
         else:
             inner.state.clear()
         for name, param in self.trainable_parameters(model):
-            value = tensors["model"][name].to(self.device)
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=self.stage == 3):
-                if self.stage == 3:
-                    if self.rank == 0:
-                        param.data.copy_(value.to(param.dtype))
-                else:
-                    param.data.copy_(value.to(param.dtype))
-            safe_set_full_fp32_param(param, value)
+            values = {None: tensors["model"][name]}
             if "optim" in tensors:
-                for key in _ADAM_STATE_KEYS:
-                    safe_set_full_optimizer_state(
-                        param, tensors["optim"]["state"][name][key].to(self.device), key
-                    )
+                values.update({k: tensors["optim"]["state"][name][k] for k in _ADAM_STATE_KEYS})
+            if self.stage == 3:
+                self._load_partitions(param, values)
+            else:
+                self._load_whole(param, values)
+
+    def _load_partitions(self, param: nn.Parameter, values: dict[str | None, DTensor]) -> None:
+        """ZeRO-3: each rank's flat partition from the loaded dim-0 chunks (one all-to-all per tensor)."""
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+        from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+        size = param.ds_tensor.numel()
+
+        def flat(value: DTensor) -> torch.Tensor:
+            rows = value.to_local().to(self.device)
+            return rows_to_flat(rows, _full_shape(param), size, self.rank, self.world_size)
+
+        weight = flat(values[None])
+        gathered = param.ds_status == ZeroParamStatus.AVAILABLE  # a persistent (small) parameter
+        if gathered:
+            param.partition()
+        param.ds_tensor.data.copy_(weight.to(param.ds_tensor.dtype))
+        if gathered:
+            param.all_gather()
+        safe_set_local_fp32_param(param, weight)
+        for key in _ADAM_STATE_KEYS:
+            if key in values:
+                safe_set_local_optimizer_state(param, flat(values[key]), key)
+
+    def _load_whole(self, param: nn.Parameter, values: dict[str | None, DTensor]) -> None:
+        """ZeRO-2: the module holds the whole tensor on every rank; the fp32 master takes it whole too."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        weight = values[None].full_tensor().to(self.device)
+        param.data.copy_(weight.to(param.dtype))
+        safe_set_full_fp32_param(param, weight)
+        for key in _ADAM_STATE_KEYS:
+            if key in values:
+                safe_set_full_optimizer_state(param, values[key].full_tensor().to(self.device), key)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 

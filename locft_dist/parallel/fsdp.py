@@ -1,4 +1,5 @@
-"""FSDP2 (``fully_shard``) strategy: each decoder layer and the root sharded across ranks.
+"""FSDP2 (``fully_shard``) strategy: each decoder layer, the embedding, the output layer and the root
+sharded across ranks.
 
 Order of operations, so that no rank ever holds the whole model: build on the meta device -> resolve the
 location and freeze everything else -> shard -> allocate each rank's shard (``to_empty``) -> read exactly
@@ -24,8 +25,19 @@ from locft_dist.model import DTYPES, SafetensorsCheckpoint, build_meta_model, re
 from locft_dist.parallel.base import TorchOptimizer
 from locft_dist.parallel.memory import log_memory
 from locft_dist.parallel.process_group import ProcessGroupCollectives, init_process_group
+from locft_dist.parallel.reshard import gather_rows
 
 logger = logging.getLogger(__name__)
+
+
+def embedding_units(model: nn.Module) -> list[nn.Module | list[nn.Module]]:
+    """The FSDP units of the input embedding and the output layer: apart, or together when tied."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None:
+        return [embed]
+    if head.weight is embed.weight:
+        return [[embed, head]]
+    return [embed, head]
 
 
 class FSDPStrategy(ProcessGroupCollectives, TorchOptimizer):
@@ -65,9 +77,18 @@ class FSDPStrategy(ProcessGroupCollectives, TorchOptimizer):
         return model
 
     def _shard(self, model: nn.Module) -> None:
+        """One FSDP unit per decoder layer, one for the input embedding and one for the output layer (one
+        for both when they share the weight), and the root for the rest (the final norm).
+
+        Every unit but the root is resharded after its forward, so a pass without backward (evaluation,
+        generation, the prefix-cache fill) leaves nothing gathered, and a pass from cached hidden states,
+        which never calls the embedding, never gathers it.
+        """
         layout = find_decoder_layers(model)
         for layer in model.get_submodule(layout.layers_path):
             fully_shard(layer, mesh=self.mesh, mp_policy=self.mp_policy)
+        for unit in embedding_units(model):
+            fully_shard(unit, mesh=self.mesh, mp_policy=self.mp_policy, reshard_after_forward=True)
         fully_shard(model, mesh=self.mesh, mp_policy=self.mp_policy)
 
     @torch.no_grad()
@@ -97,9 +118,15 @@ class FSDPStrategy(ProcessGroupCollectives, TorchOptimizer):
         (loss * self.world_size).backward()
 
     def gather_trainable(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Full float32 copies of the trainable tensors only (a collective: every rank must call it)."""
+        """Full float32 copies of the trainable tensors on rank 0, gathered one tensor at a time; the other
+        ranks get an empty dict and never hold a whole tensor (a collective: every rank must call it)."""
         out = {}
         for name, param in self.trainable_parameters(model):
-            full = param.full_tensor() if isinstance(param, DTensor) else param
-            out[name] = full.detach().to(device="cpu", dtype=torch.float32).clone()
+            if isinstance(param, DTensor):
+                assert [type(p).__name__ for p in param.placements] == ["Shard"], param.placements
+                full = gather_rows(param.to_local().detach(), param.shape[0], self.rank, self.world_size)
+            else:
+                full = param.detach() if self.rank == 0 else None
+            if full is not None:
+                out[name] = full.to(device="cpu", dtype=torch.float32).clone()
         return out

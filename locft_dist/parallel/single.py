@@ -6,6 +6,8 @@ A model loaded in bfloat16/float16 trains float32 master weights, as FSDP and De
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -60,6 +62,12 @@ class SingleProcess(TorchOptimizer):
 
     def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def broadcast_object(self, obj: Any) -> Any:
+        return obj
 
     def gather_trainable(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return {

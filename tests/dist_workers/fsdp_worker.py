@@ -259,6 +259,63 @@ def check_mixed_precision(
     }
 
 
+class GatherCounter:
+    """Counts the all-gathers FSDP2 issues for one unit (calls of its param group's ``unshard`` that find
+    it sharded)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.group = module._get_fsdp_state()._fsdp_param_group
+        self.count = 0
+        original = self.group.unshard
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            if not self.group.is_unsharded and self.group._all_gather_result is None:
+                self.count += 1
+            return original(*args, **kwargs)
+
+        self.group.unshard = counting
+
+
+def check_units_and_cached_path(
+    strategy: Strategy, tied_model: nn.Module, vocab_size: int, examples: list[EncodedExample], pad_id: int
+) -> dict[str, Any]:
+    """Embedding and output layer are FSDP units of their own (one unit when tied); a training pass from
+    the prefix cache never all-gathers the embedding; the delta is gathered to rank 0 only."""
+    from locft_dist.locate import freeze_all_but, resolve_location
+    from locft_dist.prefix_cache import build_prefix_cache
+    from tests.conftest import make_random_llama
+
+    tied = {
+        "embed_is_unit": isinstance(tied_model.get_input_embeddings(), FSDPModule),
+        "head_shares_the_unit": tied_model.get_output_embeddings()._get_fsdp_state()
+        is tied_model.get_input_embeddings()._get_fsdp_state(),
+    }
+    model = make_random_llama(vocab_size, seed=5, num_layers=3)  # untied embedding and head
+    freeze_all_but(model, resolve_location(model, [1], ["mlp.down_proj"]).parameter_names)
+    model = strategy.wrap_model(model)
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    units = {"embed": isinstance(embed, FSDPModule), "head": isinstance(head, FSDPModule)}
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=1e-2, early_stop_loss=None, progress=False)
+    cache = build_prefix_cache(model, examples, strategy, cfg, pad_id, remaining_passes=2 * len(examples))
+    assert cache is not None and cache.first_layer == 1
+    counters = {"embed": GatherCounter(embed), "head": GatherCounter(head)}
+    owned = cache.owned(len(examples))
+    for chunk in (owned[:2], owned[2:4]):  # two cached training passes with backward
+        losses, _ = cache.losses(model, chunk, examples, pad_id)
+        strategy.backward(losses.sum())
+    unsharded = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
+    gathered = strategy.gather_trainable(model)
+    full_values = {n: full(p).float() for n, p in strategy.trainable_parameters(model)}
+    return {
+        **tied,
+        "units": units,
+        "gathers": {k: c.count for k, c in counters.items()},
+        "unsharded_after_cached_passes": unsharded,
+        "gathered_names": sorted(gathered),
+        "gathered_equal_full": all(torch.equal(t, full_values[n]) for n, t in gathered.items()),
+    }
+
+
 def guarded(fn: Callable[[], Any]) -> Any:
     """Run one check; a failure becomes ``{"error": traceback}`` instead of ending the worker."""
     try:
@@ -295,6 +352,9 @@ def main(argv: list[str] | None = None) -> None:
     local["sharding_after_reshard"] = guarded(lambda: check_sharding(model, rank, world_size))
     local["training"] = guarded(lambda: check_training(model, strategy, examples, pad_id))
     local["sharding_after_training"] = guarded(lambda: check_sharding(model, rank, world_size))
+    local["units"] = guarded(
+        lambda: check_units_and_cached_path(strategy, model, reference.config.vocab_size, examples, pad_id)
+    )
     local["mixed_precision"] = guarded(
         lambda: check_mixed_precision(args.model_dir, batch, reference_logits, examples, pad_id)
     )

@@ -1,24 +1,28 @@
-"""Breadth-first training that resumes exactly: checkpoints every N steps, on preemption, and resume.
+"""Breadth-first training that resumes exactly: checkpoints every N steps, on a signal and at the end.
 
-Re-running the same command continues from the newest valid checkpoint in ``output.dir``; SIGTERM or
-SIGUSR1 makes every rank save together at the next step boundary and exit with ``EXIT_PREEMPTED``.
+Re-running the same command continues from the newest valid checkpoint in ``output.dir``; SIGTERM, SIGUSR1
+or Ctrl-C make every rank save together at the next step boundary and stop with ``EXIT_PREEMPTED``. The
+last step is always checkpointed, so a rerun after training (killed while writing the delta or evaluating)
+loads the trained weights instead of training again.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from locft_dist.checkpoint import EXIT_PREEMPTED, CheckpointManager, PreemptionFlag, TensorStateIO, TrainState
+from locft_dist.checkpoint import CheckpointManager, TensorStateIO, TrainState
 from locft_dist.config import RunConfig
 from locft_dist.edits.encode import EncodedExample
 from locft_dist.errors import ConfigError
 from locft_dist.parallel.base import Strategy
 from locft_dist.parallel.memory import log_memory, training_state_bytes
+from locft_dist.run.signals import RESUME_HINT, RunSignals, Stopped
 from locft_dist.runlog import RunLog
 from locft_dist.sampler import BreadthFirstSampler
 from locft_dist.trainer import TrainProgress, TrainResult, train_breadth_first
@@ -26,14 +30,15 @@ from locft_dist.trainer import TrainProgress, TrainResult, train_breadth_first
 logger = logging.getLogger(__name__)
 
 
-class Preempted(Exception):
-    """Raised after the preemption checkpoint is saved; the CLI exits with ``EXIT_PREEMPTED``."""
-
-    exit_code = EXIT_PREEMPTED
-
-
-def clear_checkpoints(run_dir: Path) -> None:
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+def checkpoint_manager(cfg: RunConfig, strategy: Strategy) -> CheckpointManager:
+    return CheckpointManager(
+        Path(cfg.output.dir),
+        keep_last=cfg.output.keep_last,
+        rank=strategy.rank,
+        world_size=strategy.world_size,
+        barrier=strategy.barrier,
+        state_io=strategy if isinstance(strategy, TensorStateIO) else None,
+    )
 
 
 def train_resumable(
@@ -45,20 +50,16 @@ def train_resumable(
     *,
     dataset_fingerprint: str,
     run_log: RunLog,
+    signals: RunSignals,
 ) -> TrainResult:
-    """Run LocFT-BF, resuming from and writing checkpoints under ``output.dir/checkpoints``."""
-    run_dir = Path(cfg.output.dir)
+    """Run LocFT-BF, resuming from and writing checkpoints under ``output.dir/checkpoints``.
+
+    The result covers every attempt of the run: steps, seconds and edits/s include those before a resume.
+    """
     optimizer = strategy.build_optimizer(model, cfg.train)
     sampler = BreadthFirstSampler(len(examples), cfg.train.batch_size, cfg.train.seed, dataset_fingerprint)
     progress = TrainProgress()
-    manager = CheckpointManager(
-        run_dir,
-        keep_last=cfg.output.keep_last,
-        rank=strategy.rank,
-        world_size=strategy.world_size,
-        barrier=strategy.barrier,
-        state_io=strategy if isinstance(strategy, TensorStateIO) else None,
-    )
+    manager = checkpoint_manager(cfg, strategy)
     latest = manager.latest_valid()
     if latest is not None:
         state = manager.load(latest, model, optimizer)
@@ -75,27 +76,34 @@ def train_resumable(
             state.world_size,
             strategy.world_size,
         )
-        run_log.event("resume", checkpoint=str(latest), step=state.step, consumed=sampler.consumed)
-    flag = PreemptionFlag()
-    flag.install()
+        run_log.event(
+            "resume",
+            checkpoint=str(latest),
+            step=state.step,
+            consumed=sampler.consumed,
+            world_size=strategy.world_size,
+            saved_world_size=state.world_size,
+        )
     every = cfg.output.checkpoint_every
+    min_seconds = cfg.output.checkpoint_min_minutes * 60
+    last_save = time.monotonic()
+    final_step = sampler.steps_per_epoch * cfg.train.epochs
     memory_logged = False
+    last_saved = state.step if latest is not None else None
 
     def save(step: int) -> Path:
+        nonlocal last_saved, last_save
         state = TrainState(
             step=step,
             sampler=sampler.state().to_dict(),
             epoch_losses=list(progress.epoch_losses),
             world_size=strategy.world_size,
             config=cfg.to_dict(),
-            extra={
-                "progress": {
-                    "epoch_losses": list(progress.epoch_losses),
-                    "partial_loss_sum": progress.partial_loss_sum,
-                }
-            },
+            extra={"progress": progress.to_dict()},
         )
         path = manager.save(step, model, optimizer, state)
+        last_saved = step
+        last_save = time.monotonic()
         run_log.event("checkpoint", step=step, path=str(path))
         return path
 
@@ -111,21 +119,26 @@ def train_resumable(
             )
             run_log.event("memory", rank=strategy.rank, **memory)
             run_log.event("peak_memory", step=step, **log_memory("after the first step", strategy.device))
-        stop = flag.should_stop(strategy.all_reduce_max, device=strategy.device)
+        stop = signals.should_stop(strategy.all_reduce_max, device=strategy.device)
         epoch_end = sampler.consumed % sampler.num_edits == 0
         if epoch_end:
             label = f"at the end of epoch {sampler.epoch - 1}"
             run_log.event("peak_memory", step=step, **log_memory(label, strategy.device))
-        if stop or (every and step % every == 0) or (not every and epoch_end):
+        # Epoch-end saves are spaced by checkpoint_min_minutes and skipped after the last step, where the
+        # delta is written next and a rerun finds the run finished. Saving is collective: ranks agree.
+        epoch_save = False
+        if not every and epoch_end and step < final_step:
+            due = torch.tensor([float(time.monotonic() - last_save >= min_seconds)])
+            epoch_save = bool(strategy.all_reduce_max(due).item())
+        if stop or (every and step % every == 0) or epoch_save:
             path = save(step)
             if stop:
-                logger.warning(
-                    "preempted (signal %s): saved %s; rerun the same command to resume", flag.received, path
-                )
-                raise Preempted(str(path))
+                run_log.event("stopped", step=step, checkpoint=str(path))
+                logger.warning("stopped: saved %s; %s", path, RESUME_HINT)
+                raise Stopped(f"checkpoint {path} saved; {RESUME_HINT}")
 
-    try:
-        return train_breadth_first(
+    with signals.deferred("training"):
+        result = train_breadth_first(
             model,
             examples,
             strategy,
@@ -137,5 +150,8 @@ def train_resumable(
             run_log=run_log,
             on_step_end=on_step_end,
         )
-    finally:
-        flag.uninstall()
+        if last_saved != result.num_steps:  # the trained weights, for a rerun that only has to export
+            save(result.num_steps)
+    result.seconds = progress.seconds
+    result.num_edit_passes = progress.num_edit_passes
+    return result
