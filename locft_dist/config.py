@@ -381,6 +381,16 @@ def build_config(values: dict[str, tuple[Any, str]]) -> RunConfig:
         for key, value in preset_overrides(str(preset_value)).items():
             merged[key] = (value, f"preset '{preset_value}'")
     merged.update(values)
+    if (
+        merged.get("augment.locality_source", ("none", ""))[0] == "file"
+        and merged["augment.locality_source"][1].startswith("preset")
+        and not merged.get("augment.locality_path", (None, ""))[0]
+    ):
+        raise ConfigError(
+            f"preset '{preset_value}' trains with locality supervision: set 'augment.locality_path' to a "
+            "file of random unedited facts (other records' prompts, never the evaluated probes; see "
+            "docs/editing_quality.md), or 'augment.locality_source=none' to train without it"
+        )
     config = RunConfig()
     hints_cache: dict[type, dict[str, Any]] = {}
     for key, (value, source) in merged.items():
