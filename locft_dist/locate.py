@@ -54,7 +54,7 @@ PRESETS["smollm2-135m"] = {
     "locate.modules": ["mlp.down_proj"],
     "train.lr": 5e-3,
     "train.batch_size": 20,
-    "train.epochs": 15,
+    "train.epochs": 10,
     "train.optimizer": "adam",
     "train.early_stop_loss": 0.01,
     "augment.locality_source": "file",
