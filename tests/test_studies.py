@@ -1,4 +1,4 @@
-"""studies/locality_file.py: other records' prompts, never an edited subject's or an evaluated probe."""
+"""studies/: the locality file (other records' prompts, no edited subject, no probe) and the key probe."""
 
 import importlib.util
 import json
@@ -43,3 +43,29 @@ def test_pool_excludes_edited_subjects_and_probes(tmp_path):
     assert sorted(prompts) == ["Delta plays the", "Eps speaks"]
     assert _module().main([*args, "--num", "1"]) == 0
     assert len(out.read_text().splitlines()) == 1
+
+
+def test_subject_keys_probe_runs_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("subject_keys", ROOT / "studies" / "subject_keys.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    edits = [
+        _record("Alpha Corp", "Alpha Corp is based in", "Alpha Corp is based in", "Beta Ltd is based in"),
+        _record("Gamma", "Gamma plays the", "Every day, Gamma plays the", "Delta plays the"),
+        _record("Eps", "Eps speaks", "People say Eps speaks", "Zeta speaks"),
+    ]
+    (tmp_path / "edits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in edits))
+    out = tmp_path / "keys.json"
+    args = ["--model", str(tiny_model_dir), "--edits", str(tmp_path / "edits.jsonl"), "--out", str(out)]
+    assert module.main(args) == 0
+    result = json.loads(out.read_text())
+    assert set(result) == {
+        "last_token_rephrase",
+        "last_token_neighbour",
+        "last_token_other",
+        "subject_rephrase",
+        "subject_other",
+    }
+    assert all(len(values) == 3 for values in result.values())  # one mean per decoder layer
+    assert all(-1.0 <= v <= 1.0 + 1e-6 for values in result.values() for v in values)
+    assert "subject_rephrase" in capsys.readouterr().out
