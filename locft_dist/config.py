@@ -60,7 +60,8 @@ class EditsConfig:
 @dataclass(kw_only=True)
 class LocateConfig:
     preset: str | None = None
-    """Authors' settings by name (llama3-8b, qwen2.5-7b, mistral-7b); explicit keys override a preset."""
+    """Settings by name: the authors' (llama3-8b, qwen2.5-7b, mistral-7b) and smollm2-135m (needs
+    augment.locality_path); explicit keys override a preset."""
     layers: list[int] = field(default_factory=lambda: [-1])
     """Decoder layer indices to tune; negative counts from the end."""
     modules: list[str] = field(default_factory=lambda: ["mlp.down_proj"])
@@ -381,6 +382,16 @@ def build_config(values: dict[str, tuple[Any, str]]) -> RunConfig:
         for key, value in preset_overrides(str(preset_value)).items():
             merged[key] = (value, f"preset '{preset_value}'")
     merged.update(values)
+    if (
+        merged.get("augment.locality_source", ("none", ""))[0] == "file"
+        and merged["augment.locality_source"][1].startswith("preset")
+        and not merged.get("augment.locality_path", (None, ""))[0]
+    ):
+        raise ConfigError(
+            f"preset '{preset_value}' trains with locality supervision: set 'augment.locality_path' to a "
+            "file of random unedited facts (other records' prompts, never the evaluated probes; see "
+            "docs/editing_quality.md), or 'augment.locality_source=none' to train without it"
+        )
     config = RunConfig()
     hints_cache: dict[type, dict[str, Any]] = {}
     for key, (value, source) in merged.items():

@@ -49,6 +49,23 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 """The LocFT authors' reference settings for 7-8B models, as dotted config overrides."""
 
+PRESETS["smollm2-135m"] = {
+    "locate.layers": [2, 3, 4, 5, 6],
+    "locate.modules": ["mlp.down_proj"],
+    "train.lr": 5e-3,
+    "train.batch_size": 20,
+    "train.epochs": 10,
+    "train.optimizer": "adam",
+    "train.early_stop_loss": 0.01,
+    "augment.locality_source": "file",
+    "augment.locality_loss": "kl",
+    "augment.locality_ratio": 1.0,
+    "augment.locality_weight": 1.0,
+}
+"""SmolLM2-135M(-Instruct), measured on real CounterFact edits (docs/editing_quality.md): early-mid layers,
+where the subject's last token has a subject-specific key, plus KL locality supervision on random unedited
+facts, which the user provides as ``augment.locality_path``."""
+
 
 @dataclass(frozen=True)
 class DecoderLayout:

@@ -2,6 +2,7 @@ import pytest
 
 from locft_dist.config import RunConfig, all_keys, describe_keys, load_config
 from locft_dist.errors import ConfigError
+from locft_dist.locate import PRESETS
 
 
 def test_defaults_match_the_authors_reference_settings():
@@ -80,3 +81,15 @@ def test_config_reference_doc_is_current():
 
     doc = (REPO / "docs" / "config.md").read_text()
     assert describe_keys() in doc, "docs/config.md is stale: regenerate it from `locft edit --help-config`"
+
+
+def test_smollm2_preset_needs_a_locality_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"preset 'smollm2-135m'.*augment\.locality_path"):
+        load_config(None, ["locate.preset=smollm2-135m"])
+    pool = tmp_path / "locality.jsonl"
+    cfg = load_config(None, ["locate.preset=smollm2-135m", f"augment.locality_path={pool}"])
+    assert cfg.augment.locality_source == "file" and cfg.augment.locality_path == str(pool)
+    assert cfg.locate.layers == PRESETS["smollm2-135m"]["locate.layers"]
+    assert cfg.train.lr == PRESETS["smollm2-135m"]["train.lr"]
+    cfg = load_config(None, ["locate.preset=smollm2-135m", "augment.locality_source=none"])
+    assert cfg.augment.locality_source == "none" and cfg.augment.locality_path is None

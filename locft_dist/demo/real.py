@@ -47,6 +47,7 @@ FALLBACK_RECIPE = (
 at lr 2e-3 and batch 20 it keeps locality 0.43 but takes only 0.41 of the edits."""
 
 SAMPLE = "counterfact_sample.jsonl"
+LOCALITY = "counterfact_locality.jsonl"
 
 EXTRA_PROMPTS = {
     "paraphrase": ["The Eiffel Tower is located in"],
@@ -77,10 +78,16 @@ def sample_path() -> Path:
     return Path(str(resources.files("locft_dist.demo") / "data" / SAMPLE))
 
 
+def locality_path() -> Path:
+    """Random unedited CounterFact facts for locality supervision: prompts of other records than the
+    sample's, none naming an edited subject or equal to a probe (``studies/locality_file.py``)."""
+    return Path(str(resources.files("locft_dist.demo") / "data" / LOCALITY))
+
+
 def recipe_overrides() -> list[str]:
     """The study's preset for this model if this version has it, else the fallback recipe."""
     if REAL_PRESET in PRESETS:
-        return [f"locate.preset={REAL_PRESET}"]
+        return [f"locate.preset={REAL_PRESET}", f"augment.locality_path={locality_path()}"]
     return list(FALLBACK_RECIPE)
 
 

@@ -1,0 +1,71 @@
+"""studies/: the locality file (other records' prompts, no edited subject, no probe) and the key probe."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("locality_file", ROOT / "studies" / "locality_file.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _record(subject: str, prompt: str, rephrase: str, probe: str) -> dict:
+    return {
+        "prompt": prompt,
+        "target_new": "Paris",
+        "subject": subject,
+        "rephrase_prompts": [rephrase],
+        "locality_prompts": [{"prompt": probe, "answer": "Rome"}],
+    }
+
+
+def test_pool_excludes_edited_subjects_and_probes(tmp_path):
+    edits = [_record("Alpha Corp", "Alpha Corp is based in", "Alpha Corp's home is", "Beta Ltd is based in")]
+    pool = [
+        _record("Alpha Corp", "Alpha Corp was founded in", "x1", "y1"),  # edited subject
+        _record("Beta Ltd", "Beta Ltd is based in", "x2", "y2"),  # the evaluated locality probe
+        _record("Gamma", "The sister of Alpha Corp is", "x3", "y3"),  # names an edited subject
+        _record("Delta", "Delta plays the", "x4", "y4"),
+        _record("Eps", "Eps speaks", "x5", "y5"),
+    ]
+    for name, rows in (("edits.jsonl", edits), ("pool.jsonl", pool)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out" / "locality.jsonl"
+    pool_path, edits_path = tmp_path / "pool.jsonl", tmp_path / "edits.jsonl"
+    args = ["--pool", str(pool_path), "--edits", str(edits_path), "--out", str(out)]
+    assert _module().main(args) == 0
+    prompts = [json.loads(line)["prompt"] for line in out.read_text().splitlines()]
+    assert sorted(prompts) == ["Delta plays the", "Eps speaks"]
+    assert _module().main([*args, "--num", "1"]) == 0
+    assert len(out.read_text().splitlines()) == 1
+
+
+def test_subject_keys_probe_runs_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("subject_keys", ROOT / "studies" / "subject_keys.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    edits = [
+        _record("Alpha Corp", "Alpha Corp is based in", "Alpha Corp is based in", "Beta Ltd is based in"),
+        _record("Gamma", "Gamma plays the", "Every day, Gamma plays the", "Delta plays the"),
+        _record("Eps", "Eps speaks", "People say Eps speaks", "Zeta speaks"),
+    ]
+    (tmp_path / "edits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in edits))
+    out = tmp_path / "keys.json"
+    args = ["--model", str(tiny_model_dir), "--edits", str(tmp_path / "edits.jsonl"), "--out", str(out)]
+    assert module.main(args) == 0
+    result = json.loads(out.read_text())
+    assert set(result) == {
+        "last_token_rephrase",
+        "last_token_neighbour",
+        "last_token_other",
+        "subject_rephrase",
+        "subject_other",
+    }
+    assert all(len(values) == 3 for values in result.values())  # one mean per decoder layer
+    assert all(-1.0 <= v <= 1.0 + 1e-6 for values in result.values() for v in values)
+    assert "subject_rephrase" in capsys.readouterr().out
