@@ -293,7 +293,7 @@ def _attach_lora(cfg: RunConfig, strategy: Strategy, model, parameter_names):
 
 
 def _reshard(model) -> None:
-    """FSDP2 leaves the root's parameters (embeddings, head) gathered after a forward without backward."""
+    """FSDP2 leaves the root's parameters (the final norm) gathered after a forward without backward."""
     reshard = getattr(model, "reshard", None)
     if callable(reshard):
         reshard()

@@ -7,9 +7,9 @@ the target positions (``locft_dist/losses.py``).
 
 Partial forwards go through the model's own root forward (``inputs_embeds`` = cached hidden states) with the
 decoder ``ModuleList`` temporarily narrowed to the layers that must run. Rotary embeddings, position ids and
-the causal+padding mask are therefore built by the model exactly as in a full forward, and FSDP2's root
-unit (embeddings, norm, head) is gathered by its usual hooks, and ZeRO-3 gathers each module's parameters
-by its per-module hooks (it records the module order of a pass to prefetch along it; a pass in another
+the causal+padding mask are therefore built by the model exactly as in a full forward; FSDP2 gathers the
+units a pass runs by their own hooks (the embedding, a unit of its own, is never called from the cache, so
+never gathered), and ZeRO-3 gathers each module's parameters by its per-module hooks (it records the module order of a pass to prefetch along it; a pass in another
 order invalidates that trace, which costs prefetching, not exactness). A self-check on a few edits compares
 the partial path with the full forward; an architecture whose forward does anything else with
 ``inputs_embeds`` (position embeddings added, scaling) fails it and falls back to the full forward.
@@ -17,8 +17,9 @@ the partial path with the full forward; an architecture whose forward does anyth
 Ownership is fixed for the whole run: edit ``i`` belongs to rank ``i % world_size``. Each rank caches only
 the edits it owns and, in every global batch, runs exactly those; ranks pad with zero-weight passes so every
 rank runs the same number of passes. The loss of a global batch is a sum of per-edit shares, so gradients are
-those of the uncached path; the sampler's global order is untouched. The cache is rebuilt on every start,
-with a batching that depends only on (edits, rank, world size), so a resumed run is bitwise the same.
+those of the uncached path; the sampler's global order is untouched. The cache is rebuilt on every start
+that has more than one pass per edit left, with a batching that depends only on (edits, rank, world size),
+so such a resumed run is bitwise the same; with less left, filling would not pay and the passes run whole.
 """
 
 from __future__ import annotations
