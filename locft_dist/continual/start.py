@@ -1,0 +1,48 @@
+"""Start a wave from base + the previous wave's delta, under any strategy.
+
+The model is loaded from the base as usual (so the unedited reference predictions are the base's), then the
+trainable tensors are overwritten with base + delta. Every rank reads the delta and the base values of the
+localized tensors only (never the whole model) and keeps its own shard of them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+from locft_dist.checkpoint import TensorStateIO
+from locft_dist.config import TrainConfig
+from locft_dist.delta import Delta, read_base_tensors
+from locft_dist.parallel.base import Strategy
+from locft_dist.parallel.reshard import local_rows
+
+
+def start_weights(model_dir: str | Path, delta: Delta) -> dict[str, torch.Tensor]:
+    """base + delta in float32 for every tensor the delta touches."""
+    base = read_base_tensors(model_dir, list(delta.tensors))
+    return {name: base[name].float() + tensor for name, tensor in delta.tensors.items()}
+
+
+@torch.no_grad()
+def set_trainable(
+    strategy: Strategy, model: nn.Module, weights: dict[str, torch.Tensor], train_cfg: TrainConfig
+) -> None:
+    """Overwrite every trainable tensor (its fp32 master included) with ``weights`` (full tensors on every
+    rank), before training builds its optimizer. A collective under FSDP and DeepSpeed."""
+    names = [name for name, _ in strategy.trainable_parameters(model)]
+    if sorted(names) != sorted(weights):
+        raise ValueError(f"start weights for {sorted(weights)}, the model trains {sorted(names)}")
+    if isinstance(strategy, TensorStateIO):  # DeepSpeed: the engine owns the fp32 master partitions
+        template = strategy.checkpoint_template(model, False)
+        for name, rows in template["model"].items():
+            rows.to_local().copy_(local_rows(weights[name], strategy.rank, strategy.world_size))
+        strategy.load_checkpoint_tensors(model, strategy.build_optimizer(model, train_cfg), template)
+        return
+    result = set_model_state_dict(
+        model, weights, options=StateDictOptions(full_state_dict=True, strict=False)
+    )
+    missing = set(result.missing_keys) & set(names)
+    assert not missing and not result.unexpected_keys, (missing, result.unexpected_keys)
