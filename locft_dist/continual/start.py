@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from locft_dist.checkpoint import TensorStateIO
 from locft_dist.config import TrainConfig
@@ -41,8 +42,14 @@ def set_trainable(
             rows.to_local().copy_(local_rows(weights[name], strategy.rank, strategy.world_size))
         strategy.load_checkpoint_tensors(model, strategy.build_optimizer(model, train_cfg), template)
         return
-    result = set_model_state_dict(
-        model, weights, options=StateDictOptions(full_state_dict=True, strict=False)
-    )
-    missing = set(result.missing_keys) & set(names)
-    assert not missing and not result.unexpected_keys, (missing, result.unexpected_keys)
+    for name, param in strategy.trainable_parameters(model):
+        full = weights[name]
+        if not isinstance(param, DTensor):
+            param.copy_(full.to(device=param.device, dtype=param.dtype))
+            continue
+        mesh, placements = param.device_mesh, param.placements
+        shape, offset = compute_local_shape_and_global_offset(param.shape, mesh, placements)
+        local = param.to_local()
+        if local.numel():
+            index = tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
+            local.copy_(full[index].to(device=local.device, dtype=local.dtype))
