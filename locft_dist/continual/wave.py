@@ -51,6 +51,8 @@ class ContinualWave:
                 raise ConfigError("continual.previous needs lora.rank=0 (a delta is a full update)")
             if new_requests is None:
                 raise AssertionError("a continual run loads its edit records")
+            if Path(cfg.continual.previous).resolve() == Path(cfg.output.dir).resolve():
+                raise ConfigError("continual.previous is output.dir: each wave needs a run directory")
             self.previous = load_previous(cfg.continual.previous)
         self.wave = self.previous.wave + 1 if self.previous else 1
         earlier = self.previous.facts if self.previous else []
