@@ -29,11 +29,14 @@ from pathlib import Path
 KEYS = ("reliability", "generalization", "locality")
 
 
-def demo_setup(out: Path, num_edits: int) -> tuple[Path, list, list[str]]:
-    from locft_dist.demo.build import build_demo_world
+def demo_setup(out: Path, num_edits: int, tiny: Path | None = None) -> tuple[Path, list, list[str]]:
+    from locft_dist.demo.build import build_demo_world, build_tiny_world_model
     from locft_dist.demo.run import FULL
 
-    demo = build_demo_world(out / "world", quick=False, seed=0, progress=False)
+    if tiny is not None:  # the tests' 80-subject world (seconds to build): waves of a dozen edits
+        demo = build_tiny_world_model(tiny, seed=0)
+    else:
+        demo = build_demo_world(out / "world", quick=False, seed=0, progress=False)
     requests = demo.world.make_edits(num_edits, seed=0)
     settings = [
         f"locate.layers={list(FULL.layers)}",
@@ -93,6 +96,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct on CounterFact")
+    parser.add_argument("--tiny-world", type=Path, help="the tests' tiny world (built there if needed)")
     parser.add_argument("--preset", help="locate.preset for --real (default: explicit layer 24 recipe)")
     parser.add_argument("--waves", type=int, default=5)
     parser.add_argument("--wave-size", type=int, default=100)
@@ -101,14 +105,20 @@ def main() -> None:
     parser.add_argument("--cost", action="store_true", help="also time each wave without evaluation")
     parser.add_argument("--skip-depth-first", action="store_true")
     parser.add_argument("--set", action="append", default=[], help="more `locft edit` overrides (KEY=VALUE)")
+    parser.add_argument(
+        "--table-only", action="store_true", help="print the table from OUT's run directories (no runs)"
+    )
     args = parser.parse_args()
     out = args.out.resolve()
+    if args.table_only:
+        print_table(collect(out, args.waves))
+        return
     out.mkdir(parents=True, exist_ok=True)
     total = args.waves * args.wave_size
     if args.real:
         model_dir, requests, settings = real_setup(out, total, args.preset)
     else:
-        model_dir, requests, settings = demo_setup(out, total)
+        model_dir, requests, settings = demo_setup(out, total, args.tiny_world)
     from locft_dist.edits import write_jsonl
 
     if len(requests) < total:
@@ -167,6 +177,33 @@ def main() -> None:
     print_table(summary)
 
 
+def run_seconds(run_dir: Path) -> float:
+    """A run's own time from its log (start-up before the log opens, about a second, is not in it)."""
+    events = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return sum(e["seconds"] for e in events if e["event"] == "done")
+
+
+def collect(out: Path, num_waves: int) -> dict:
+    """The summary of whatever runs exist under ``out`` (for ``--table-only``), seconds from the logs."""
+    runs: dict = {}
+    for name in ("waves", "depth_first"):
+        found = [out / f"{name}{k}" for k in range(1, num_waves + 1)]
+        runs[name] = [
+            {"wave": k, "seconds": run_seconds(d), "all": all_waves(d)}
+            for k, d in enumerate(found, start=1)
+            if (d / "metrics.json").is_file()
+        ]
+    if (out / "oneshot" / "metrics.json").is_file():
+        runs["oneshot"] = {"seconds": run_seconds(out / "oneshot"), "all": all_waves(out / "oneshot")}
+    cost = []
+    for k in range(2, num_waves + 1):
+        continued, alone = out / f"cost_wave{k}", out / f"cost_alone{k}"
+        if (continued / "delta.safetensors").is_file() and (alone / "delta.safetensors").is_file():
+            a, b = run_seconds(continued), run_seconds(alone)
+            cost.append({"wave": k, "continued": a, "alone": b, "ratio": a / b})
+    return {"runs": runs, "cost": cost}
+
+
 def print_table(summary: dict) -> None:
     for suffix in ("tf", "em"):
         print(f"\nover all edits so far ({suffix}):")
@@ -174,8 +211,9 @@ def print_table(summary: dict) -> None:
         for name in ("waves", "depth_first"):
             for result in summary["runs"].get(name, []):
                 print(row(f"{name} after {result['wave']}", result["all"], result["seconds"], suffix))
-        oneshot = summary["runs"]["oneshot"]
-        print(row("one-shot (all)", oneshot["all"], oneshot["seconds"], suffix))
+        if "oneshot" in summary["runs"]:
+            oneshot = summary["runs"]["oneshot"]
+            print(row("one-shot (all)", oneshot["all"], oneshot["seconds"], suffix))
     for entry in summary.get("cost", []):
         print(
             f"wave {entry['wave']} without evaluation: continued {entry['continued']:.1f}s, "
