@@ -85,9 +85,15 @@ def all_waves(run_dir: Path) -> dict:
     return (metrics.get("all_waves") or metrics)["edited"]
 
 
-def row(name: str, metrics: dict, seconds: float, suffix: str) -> str:
-    values = " ".join(f"{metrics[f'{k}_{suffix}']:>14.3f}" for k in KEYS)
-    return f"{name:<22} {values} {seconds:>9.1f}"
+def train_seconds(run_dir: Path) -> float:
+    """The training loop's time (run.json's ``trained`` phase)."""
+    record = json.loads((run_dir / "run.json").read_text())
+    return record["phases"]["trained"]["seconds"]
+
+
+def row(name: str, result: dict, suffix: str) -> str:
+    values = " ".join(f"{result['all'][f'{k}_{suffix}']:>14.3f}" for k in KEYS)
+    return f"{name:<22} {values} {result['seconds']:>9.1f} {result.get('train_seconds', 0):>9.1f}"
 
 
 def main() -> None:
@@ -146,13 +152,24 @@ def main() -> None:
             run_dir = out / f"{name}{k}"
             previous = [f"continual.previous={out / f'{name}{k - 1}'}"] if k > 1 else []
             seconds = edit(run_dir, [*common, *extra, f"edits.path={path}", *previous])
-            results.append({"wave": k, "seconds": seconds, "all": all_waves(run_dir)})
+            results.append(
+                {
+                    "wave": k,
+                    "seconds": seconds,
+                    "train_seconds": train_seconds(run_dir),
+                    "all": all_waves(run_dir),
+                }
+            )
             print(f"{name} wave {k}: {seconds:.1f}s {json.dumps(results[-1]['all'])[:200]}", flush=True)
         return results
 
     summary["runs"]["waves"] = chain("waves", [f"continual.replay_ratio={args.replay_ratio}"])
     seconds = edit(out / "oneshot", [*common, f"edits.path={out / 'all.jsonl'}"])
-    summary["runs"]["oneshot"] = {"seconds": seconds, "all": all_waves(out / "oneshot")}
+    summary["runs"]["oneshot"] = {
+        "seconds": seconds,
+        "train_seconds": train_seconds(out / "oneshot"),
+        "all": all_waves(out / "oneshot"),
+    }
     if not args.skip_depth_first:
         summary["runs"]["depth_first"] = chain("depth_first", ["train.pipeline=depth_first"])
     if args.cost:
@@ -170,7 +187,16 @@ def main() -> None:
                 ],
             )
             alone = edit(out / f"cost_alone{k}", [*quiet, f"edits.path={path}"])
-            cost.append({"wave": k, "continued": continued, "alone": alone, "ratio": continued / alone})
+            cost.append(
+                {
+                    "wave": k,
+                    "continued": continued,
+                    "alone": alone,
+                    "ratio": continued / alone,
+                    "train_continued": train_seconds(out / f"cost_wave{k}"),
+                    "train_alone": train_seconds(out / f"cost_alone{k}"),
+                }
+            )
             print(f"cost wave {k}: continued {continued:.1f}s, alone {alone:.1f}s", flush=True)
         summary["cost"] = cost
     (out / "continual_waves.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -189,35 +215,55 @@ def collect(out: Path, num_waves: int) -> dict:
     for name in ("waves", "depth_first"):
         found = [out / f"{name}{k}" for k in range(1, num_waves + 1)]
         runs[name] = [
-            {"wave": k, "seconds": run_seconds(d), "all": all_waves(d)}
+            {"wave": k, "seconds": run_seconds(d), "train_seconds": train_seconds(d), "all": all_waves(d)}
             for k, d in enumerate(found, start=1)
             if (d / "metrics.json").is_file()
         ]
     if (out / "oneshot" / "metrics.json").is_file():
-        runs["oneshot"] = {"seconds": run_seconds(out / "oneshot"), "all": all_waves(out / "oneshot")}
+        one = out / "oneshot"
+        runs["oneshot"] = {
+            "seconds": run_seconds(one),
+            "train_seconds": train_seconds(one),
+            "all": all_waves(one),
+        }
     cost = []
     for k in range(2, num_waves + 1):
         continued, alone = out / f"cost_wave{k}", out / f"cost_alone{k}"
         if (continued / "delta.safetensors").is_file() and (alone / "delta.safetensors").is_file():
             a, b = run_seconds(continued), run_seconds(alone)
-            cost.append({"wave": k, "continued": a, "alone": b, "ratio": a / b})
+            train_a, train_b = train_seconds(continued), train_seconds(alone)
+            cost.append(
+                {
+                    "wave": k,
+                    "continued": a,
+                    "alone": b,
+                    "ratio": a / b,
+                    "train_continued": train_a,
+                    "train_alone": train_b,
+                }
+            )
     return {"runs": runs, "cost": cost}
 
 
 def print_table(summary: dict) -> None:
     for suffix in ("tf", "em"):
         print(f"\nover all edits so far ({suffix}):")
-        print(f"{'run':<22} {'reliability':>14} {'generalization':>14} {'locality':>14} {'seconds':>9}")
+        print(
+            f"{'run':<22} {'reliability':>14} {'generalization':>14} {'locality':>14} "
+            f"{'seconds':>9} {'training':>9}"
+        )
         for name in ("waves", "depth_first"):
             for result in summary["runs"].get(name, []):
-                print(row(f"{name} after {result['wave']}", result["all"], result["seconds"], suffix))
+                print(row(f"{name} after {result['wave']}", result, suffix))
         if "oneshot" in summary["runs"]:
             oneshot = summary["runs"]["oneshot"]
-            print(row("one-shot (all)", oneshot["all"], oneshot["seconds"], suffix))
+            print(row("one-shot (all)", oneshot, suffix))
     for entry in summary.get("cost", []):
+        train_ratio = entry["train_continued"] / entry["train_alone"]
         print(
             f"wave {entry['wave']} without evaluation: continued {entry['continued']:.1f}s, "
-            f"alone {entry['alone']:.1f}s, ratio {entry['ratio']:.2f}"
+            f"alone {entry['alone']:.1f}s, ratio {entry['ratio']:.2f}; "
+            f"training {entry['train_continued']:.1f}s vs {entry['train_alone']:.1f}s ({train_ratio:.2f}x)"
         )
 
 
