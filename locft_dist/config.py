@@ -191,6 +191,19 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
+class ContinualConfig:
+    previous: str | None = None
+    """Run directory of the previous wave: start from its delta, replay its edits; the new delta is
+    cumulative against the base (docs/continual.md). null: a first wave (or a plain run)."""
+    replay_ratio: str = "1"
+    """Earlier edits replayed per new edit per epoch, drawn by train.seed and the epoch; all: every one."""
+    eval_limit: int | None = None
+    """Evaluate at most N edits of all waves so far (a seeded sample; null: all of them)."""
+    keep_facts: bool = True
+    """Write facts.jsonl (the run's current edits, each with its wave) so that a later wave can follow it."""
+
+
+@dataclass(kw_only=True)
 class OutputConfig:
     dir: str = "runs/locft"
     """Run directory: config.yaml, run.json, delta.safetensors, metrics.json, log.jsonl, checkpoints/."""
@@ -232,6 +245,7 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -438,7 +452,12 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"'train.betas' must be two numbers in [0, 1); got {config.train.betas}")
     if config.eval.prefix_reuse_gib < 0:
         raise ConfigError(f"'eval.prefix_reuse_gib' must be >= 0; got {config.eval.prefix_reuse_gib}")
-    for key, value in (("edits.limit", config.edits.limit), ("eval.limit", config.eval.limit)):
+    replay_ratio(config.continual.replay_ratio)  # raises naming the key
+    for key, value in (
+        ("edits.limit", config.edits.limit),
+        ("eval.limit", config.eval.limit),
+        ("continual.eval_limit", config.continual.eval_limit),
+    ):
         if value is not None and value <= 0:
             raise ConfigError(f"'{key}' must be positive or null; got {value}")
     if config.output.checkpoint_min_minutes < 0:
@@ -471,6 +490,19 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("'locate.layers' must name at least one layer")
     if not config.locate.modules:
         raise ConfigError("'locate.modules' must name at least one module")
+
+
+def replay_ratio(value: str) -> float | None:
+    """``continual.replay_ratio`` as a number >= 0, or None for ``all``."""
+    if str(value).strip().lower() == "all":
+        return None
+    try:
+        ratio = float(value)
+    except ValueError:
+        ratio = -1.0
+    if not ratio >= 0 or ratio == float("inf"):
+        raise ConfigError(f"'continual.replay_ratio' must be a number >= 0 or all; got {value!r}")
+    return ratio
 
 
 def describe_keys() -> str:

@@ -3,7 +3,9 @@
 Keys are the base model's parameter names as ``AutoModelForCausalLM.named_parameters()`` gives them;
 ``edited = base + delta``. Metadata: ``locft.format`` (``delta/1``), ``locft.base_model``,
 ``locft.base_fingerprint`` (hash of the base tensors the delta touches), ``locft.config`` and
-``locft.encoding`` (how prompts and answers were tokenized, so evaluation probes what training trained).
+``locft.encoding`` (how prompts and answers were tokenized, so evaluation probes what training trained);
+a continual run adds ``locft.chain`` (its waves' runs, edit fingerprints and deltas; the delta is cumulative
+against the base).
 """
 
 from __future__ import annotations
@@ -86,9 +88,11 @@ def write_delta(
     config_json: str,
     encoding: Encoding | None = None,
     step: int | None = None,
+    extra_metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Write atomically: a temp file in the same directory, then rename. ``step``: exported from that
-    checkpoint (``locft.step``) rather than at the end of the run."""
+    checkpoint (``locft.step``) rather than at the end of the run. ``extra_metadata``: more ``locft.*``
+    strings (a continual run's ``locft.chain``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {n: t.detach().cpu().to(torch.float32).contiguous() for n, t in delta.items()}
@@ -102,6 +106,7 @@ def write_delta(
         metadata["locft.encoding"] = json.dumps(encoding.to_dict(), sort_keys=True)
     if step is not None:
         metadata["locft.step"] = str(step)
+    metadata.update(extra_metadata or {})
     with outputs.atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from locft_dist.config import RunConfig
+from locft_dist.continual import ContinualWave
 from locft_dist.delta import compute_delta, fingerprint_tensors, read_base_tensors, write_delta
 from locft_dist.edits import EditRequest, augment
 from locft_dist.edits.encode import EncodedExample, Encoding, encode_pair, encode_pairs, pad_token_id
@@ -114,10 +115,13 @@ def _run_edit(cfg: RunConfig, strategy: Strategy, run: Run) -> EditOutcome:
     run.check_writable()
     started = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    loaded = load_encoded_edits(cfg, tokenizer, need_requests=cfg.eval.enabled or augment.enabled(cfg))
+    need_requests = cfg.eval.enabled or augment.enabled(cfg) or cfg.continual.keep_facts
+    loaded = load_encoded_edits(cfg, tokenizer, need_requests=need_requests or bool(cfg.continual.previous))
     requests, examples = loaded.requests, loaded.examples
+    continual = ContinualWave(cfg, requests)
     run_dir = Path(cfg.output.dir)
-    plan = run.open(lambda: Identity(model=model_fingerprint(cfg.model.path), edits=loaded.fingerprint))
+    model_id = model_fingerprint(cfg.model.path)
+    plan = run.open(lambda: Identity(model=model_id, edits=continual.identity(loaded.fingerprint)))
     if plan.finished:
         logger.info("%s already finished with these settings: delta at %s", run_dir, run.dir.delta)
         return EditOutcome(strategy.is_main, run_dir, run.dir.delta, None, None, None, finished=True)
@@ -145,6 +149,9 @@ def _run_edit(cfg: RunConfig, strategy: Strategy, run: Run) -> EditOutcome:
     base_fingerprint = strategy.broadcast_object(
         fingerprint_tensors(read_base_tensors(cfg.model.path, edited_names)) if strategy.is_main else None
     )
+    continual.check(
+        model_fingerprint=model_id, base_fingerprint=base_fingerprint, parameter_names=edited_names
+    )
     logger.info(
         "tuning %d tensors (%.2fM parameters) at layers %s: %s",
         len(trainable),
@@ -165,7 +172,7 @@ def _run_edit(cfg: RunConfig, strategy: Strategy, run: Run) -> EditOutcome:
 
     # -- the unedited model: its predictions are what locality compares with ---------------------------
     eval_requests = requests[: cfg.eval.limit] if cfg.eval.limit and requests else requests
-    evaluation = metrics_base = None
+    evaluation = metrics_base = evaluation_all = metrics_all_base = None
     if cfg.eval.enabled:
         run.signals.phase = "evaluating the unedited model"
         evaluation = RunEvaluation(
@@ -179,12 +186,30 @@ def _run_edit(cfg: RunConfig, strategy: Strategy, run: Run) -> EditOutcome:
         )
         metrics_base = evaluation.before(model)
         _reshard(model)
+        if continual.continues:  # every wave so far, against the base (the delta is cumulative)
+            evaluation_all = RunEvaluation(
+                cfg,
+                strategy,
+                tokenizer,
+                continual.all_requests(),
+                base_fingerprint=base_fingerprint,
+                is_main=strategy.is_main,
+                reference_file="reference_all.safetensors",
+            )
+            metrics_all_base = evaluation_all.before(model)
+            _reshard(model)
+    continual.start(strategy, model)  # base + the previous wave's delta (a checkpoint, if any, wins)
 
     # -- train, or resume: a finished run's last checkpoint holds the trained weights -------------------
     run.signals.phase = "preparing the training set"
     train_examples, dataset_fingerprint = augmented_examples(
         cfg, strategy, model, tokenizer, requests, examples, loaded.fingerprint, base_fingerprint, run_log
     )
+    replay = continual.replay(len(train_examples))
+    if replay is not None:
+        train_examples = [*train_examples, *continual.replay_examples(tokenizer, replay)]
+        dataset_fingerprint += continual.replay_fingerprint(replay)
+        run_log.event("replay", **continual.summary(replay))
     logger.info(
         "training: %s, %d edits, batch %d, lr %g, up to %d epochs",
         cfg.train.pipeline,
@@ -204,6 +229,7 @@ def _run_edit(cfg: RunConfig, strategy: Strategy, run: Run) -> EditOutcome:
             dataset_fingerprint=dataset_fingerprint,
             run_log=run_log,
             signals=run.signals,
+            replay=replay,
         )
     else:  # the depth-first baseline keeps no checkpoints: a rerun trains it again
         result = train_depth_first(model, examples, strategy, cfg.train, pad_id, run_log=run_log)
@@ -219,6 +245,7 @@ def _run_edit(cfg: RunConfig, strategy: Strategy, run: Run) -> EditOutcome:
         run.signals.phase = "writing the delta"
         edited = merged_weights(model, edited_names) if cfg.lora.rank else strategy.gather_trainable(model)
         if strategy.is_main:
+            continual.write_facts()
             write_delta(
                 delta_path,
                 compute_delta(edited, read_base_tensors(cfg.model.path, edited_names)),
@@ -226,7 +253,9 @@ def _run_edit(cfg: RunConfig, strategy: Strategy, run: Run) -> EditOutcome:
                 base_fingerprint=base_fingerprint,
                 config_json=cfg.to_json(),
                 encoding=Encoding.from_config(cfg.edits),
+                extra_metadata=continual.delta_metadata(loaded.fingerprint),
             )
+            continual.write_chain(loaded.fingerprint, delta_path, base_fingerprint)
             logger.info("wrote %s", delta_path)
         run.mark("delta", path=str(delta_path), base_fingerprint=base_fingerprint)
 
@@ -236,8 +265,15 @@ def _run_edit(cfg: RunConfig, strategy: Strategy, run: Run) -> EditOutcome:
         run.signals.phase = "evaluating the edited model"
         metrics = evaluation.after(model)
         _reshard(model)
+        record = _metrics_record(metrics, metrics_base, result)
+        if continual.continues:
+            record["continual"] = continual.summary(replay)
+        if evaluation_all is not None:
+            metrics_all = evaluation_all.after(model)
+            _reshard(model)
+            record["all_waves"] = {"edited": metrics_all.to_dict(), "unedited": metrics_all_base.to_dict()}
         if strategy.is_main:
-            save_metrics(run.dir.metrics, _metrics_record(metrics, metrics_base, result))
+            save_metrics(run.dir.metrics, record)
         run_log.event("eval", **metrics.to_dict())
         run.mark("evaluated", eval=eval_settings(cfg.eval))
     run.signals.phase = "finishing"

@@ -5,12 +5,16 @@ run). Epoch ``e`` covers ``consumed`` in ``[e*N, (e+1)*N)``; its global batches 
 global batch size inside the epoch, so the last batch of an epoch may be smaller and nothing is dropped
 or repeated. Rank ``r`` of ``W`` takes a contiguous slice of each global batch. Because the global order
 does not depend on the world size, a run can resume on a different number of ranks and see the same batches.
+
+A continual run (``Replay``) adds earlier waves' edits to every epoch: the epoch's sample list is every new
+example plus a draw of earlier edits seeded by (seed, epoch), then shuffled as above. The draw is part of
+the seeded order, so the state is still the one counter and resume stays exact on any world size.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -20,6 +24,56 @@ def epoch_permutation(num_edits: int, seed: int, epoch: int) -> list[int]:
     digest = hashlib.sha256(f"locft-order:{seed}:{epoch}".encode()).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
     return torch.randperm(num_edits, generator=generator).tolist()
+
+
+def replay_draw(pool_size: int, per_epoch: int, seed: int, epoch: int) -> list[int]:
+    """Pool indices replayed in epoch ``epoch``: ``per_epoch`` distinct ones by (seed, epoch), sorted."""
+    if per_epoch >= pool_size:
+        return list(range(pool_size))
+    digest = hashlib.sha256(f"locft-replay:{seed}:{epoch}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return sorted(torch.randperm(pool_size, generator=generator)[:per_epoch].tolist())
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Earlier edits mixed into each epoch of a continual run.
+
+    The training examples are laid out as ``num_new`` new examples, then the pool edits in ``used`` order:
+    only the pool edits some epoch draws are tokenized and cached, so a wave's cost is bounded by its own
+    size and the replay budget (``epochs x per_epoch``), not by the number of edits made so far.
+    """
+
+    num_new: int
+    pool_size: int
+    per_epoch: int
+    seed: int
+    epochs: int
+    used: tuple[int, ...] = field(init=False)
+    """Pool indices drawn by any epoch, sorted: the pool examples the run needs."""
+
+    def __post_init__(self) -> None:
+        per_epoch = min(self.per_epoch, self.pool_size)
+        object.__setattr__(self, "per_epoch", per_epoch)
+        drawn: set[int] = set()
+        for epoch in range(self.epochs):
+            drawn.update(replay_draw(self.pool_size, per_epoch, self.seed, epoch))
+            if len(drawn) == self.pool_size:
+                break
+        object.__setattr__(self, "used", tuple(sorted(drawn)))
+
+    @property
+    def epoch_size(self) -> int:
+        return self.num_new + self.per_epoch
+
+    def epoch_examples(self, epoch: int) -> list[int]:
+        """Example indices of epoch ``epoch`` before shuffling: every new one, then the replayed ones."""
+        position = {pool_index: self.num_new + i for i, pool_index in enumerate(self.used)}
+        draw = replay_draw(self.pool_size, self.per_epoch, self.seed, epoch)
+        return [*range(self.num_new), *(position[i] for i in draw)]
+
+    def describe(self) -> str:
+        return f"replay {self.per_epoch}/{self.pool_size}x{self.epochs}:{self.seed}"
 
 
 def rank_slice(batch: list[int], rank: int, world_size: int) -> list[int]:
@@ -37,6 +91,7 @@ class SamplerState:
     seed: int
     global_batch_size: int
     num_edits: int
+    """Samples per epoch (a continual run's new examples plus its replay draw)."""
     dataset_fingerprint: str
 
     def to_dict(self) -> dict:
@@ -61,7 +116,16 @@ class BreadthFirstSampler:
         seed: int,
         dataset_fingerprint: str = "",
         consumed: int = 0,
+        replay: Replay | None = None,
     ) -> None:
+        """``num_edits``: the examples; with ``replay`` they are laid out as it says, and an epoch covers
+        ``replay.epoch_size`` samples."""
+        if replay is not None:
+            if replay.num_new + len(replay.used) != num_edits:
+                raise ValueError(
+                    f"{num_edits} examples, the replay plan lays out {replay.num_new} + {len(replay.used)}"
+                )
+            num_edits = replay.epoch_size
         if num_edits <= 0:
             raise ValueError("the sampler needs at least one edit")
         if global_batch_size <= 0:
@@ -71,6 +135,7 @@ class BreadthFirstSampler:
         self.seed = seed
         self.dataset_fingerprint = dataset_fingerprint
         self.consumed = consumed
+        self.replay = replay
         self._order_epoch = -1
         self._order: list[int] = []
 
@@ -85,6 +150,9 @@ class BreadthFirstSampler:
     def _epoch_order(self, epoch: int) -> list[int]:
         if epoch != self._order_epoch:
             self._order = epoch_permutation(self.num_edits, self.seed, epoch)
+            if self.replay is not None:
+                examples = self.replay.epoch_examples(epoch)
+                self._order = [examples[i] for i in self._order]
             self._order_epoch = epoch
         return self._order
 

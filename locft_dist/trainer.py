@@ -120,7 +120,7 @@ def train_breadth_first(
     lengths = [len(e.input_ids) for e in examples]
     pass_cost = cfg.micro_batch_pass_cost or default_pass_cost(torch.device(strategy.device).type)
     done = sampler.epoch >= cfg.epochs or _should_stop_early(cfg, progress)  # resumed after the last step
-    remaining = 0 if done else max(cfg.epochs * len(examples) - sampler.consumed, 0)
+    remaining = 0 if done else max(cfg.epochs * sampler.num_edits - sampler.consumed, 0)
     cache = None
     if cfg.prefix_cache:  # it logs why it is off when too few passes remain (none, after the last step)
         cache = build_prefix_cache(model, examples, strategy, cfg, pad_id, remaining_passes=remaining)

@@ -66,7 +66,10 @@ class RunEvaluation:
         base_fingerprint: str,
         heldout_texts: Sequence[str] | None = None,
         is_main: bool = True,
+        reference_file: str = FILE_NAME,
     ) -> None:
+        """``reference_file``: where in the run directory the unedited predictions are kept (one file per
+        evaluated edit set)."""
         self.evaluator = Evaluator(
             tokenizer,
             requests,
@@ -78,7 +81,7 @@ class RunEvaluation:
         self.ranks = ranks
         self.heldout = list(heldout_texts or [])
         self.is_main = is_main
-        self.path = Path(cfg.output.dir) / FILE_NAME
+        self.path = Path(cfg.output.dir) / reference_file
         record = {
             "model": model_key(cfg.model.path, cfg.model.dtype, base_fingerprint),
             "probes": self.evaluator.probes.key,

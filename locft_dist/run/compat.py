@@ -32,6 +32,7 @@ PATH_KEYS = (
     "augment.locality_path",
     "dist.deepspeed_config",
     "eval.heldout_path",
+    "continual.previous",
     "output.dir",
 )
 """Config keys holding paths: made absolute against the working directory when a run starts."""
@@ -58,6 +59,8 @@ NEUTRAL_KEYS = frozenset(
         "output.checkpoint_every",
         "output.keep_last",
         "output.overwrite",
+        "continual.eval_limit",
+        "continual.keep_facts",
     }
 )
 """Keys that change how a run is carried out, not its results (float summation order at most, < 1e-5)."""

@@ -6,6 +6,8 @@
     checkpoints/step-N/  resumable training state (safetensors + JSON, verified by a manifest)
     delta.safetensors    the edit, once training is done
     metrics.json         the evaluation, when enabled
+    facts.jsonl          the current edits of every wave so far (continual.keep_facts)
+    continual.json       the chain of waves that made the delta
     .locft.lock          held by the live run's main rank
 
 A run moves through three phases, recorded in ``run.json`` as each one finishes: ``trained`` (the final
@@ -28,6 +30,9 @@ from locft_dist import outputs
 from locft_dist.edits.augment import AUGMENT_FILE
 from locft_dist.eval.reference import FILE_NAME as REFERENCE_FILE
 from locft_dist.run.compat import Identity
+
+CONTINUAL_FILES = ("facts.jsonl", "continual.json", "reference_all.safetensors")
+"""Written by a run that later waves can follow (docs/continual.md)."""
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +108,7 @@ class RunDir:
         """Delete a previous run's outputs (``output.overwrite`` replacing another run)."""
         for path in (self.config, self.record_path, self.log, self.delta, self.metrics):
             path.unlink(missing_ok=True)
-        for name in (AUGMENT_FILE, REFERENCE_FILE):
+        for name in (AUGMENT_FILE, REFERENCE_FILE, *CONTINUAL_FILES):
             (self.path / name).unlink(missing_ok=True)
         shutil.rmtree(self.checkpoints, ignore_errors=True)
         self.record = {}

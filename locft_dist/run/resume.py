@@ -24,7 +24,7 @@ from locft_dist.parallel.base import Strategy
 from locft_dist.parallel.memory import log_memory, training_state_bytes
 from locft_dist.run.signals import RESUME_HINT, RunSignals, Stopped
 from locft_dist.runlog import RunLog
-from locft_dist.sampler import BreadthFirstSampler
+from locft_dist.sampler import BreadthFirstSampler, Replay
 from locft_dist.trainer import TrainProgress, TrainResult, train_breadth_first
 
 logger = logging.getLogger(__name__)
@@ -51,13 +51,18 @@ def train_resumable(
     dataset_fingerprint: str,
     run_log: RunLog,
     signals: RunSignals,
+    replay: Replay | None = None,
 ) -> TrainResult:
     """Run LocFT-BF, resuming from and writing checkpoints under ``output.dir/checkpoints``.
+
+    ``replay``: a continual run's earlier edits, laid out after the new ``examples`` (``sampler.Replay``).
 
     The result covers every attempt of the run: steps, seconds and edits/s include those before a resume.
     """
     optimizer = strategy.build_optimizer(model, cfg.train)
-    sampler = BreadthFirstSampler(len(examples), cfg.train.batch_size, cfg.train.seed, dataset_fingerprint)
+    sampler = BreadthFirstSampler(
+        len(examples), cfg.train.batch_size, cfg.train.seed, dataset_fingerprint, replay=replay
+    )
     progress = TrainProgress()
     manager = checkpoint_manager(cfg, strategy)
     latest = manager.latest_valid()
