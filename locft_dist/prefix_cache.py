@@ -9,8 +9,9 @@ Partial forwards go through the model's own root forward (``inputs_embeds`` = ca
 decoder ``ModuleList`` temporarily narrowed to the layers that must run. Rotary embeddings, position ids and
 the causal+padding mask are therefore built by the model exactly as in a full forward; FSDP2 gathers the
 units a pass runs by their own hooks (the embedding, a unit of its own, is never called from the cache, so
-never gathered), and ZeRO-3 gathers each module's parameters by its per-module hooks (it records the module order of a pass to prefetch along it; a pass in another
-order invalidates that trace, which costs prefetching, not exactness). A self-check on a few edits compares
+never gathered), and ZeRO-3 gathers each module's parameters by its per-module hooks (it records the
+module order of a pass to prefetch along it; a pass in another order invalidates that trace, which costs
+prefetching, not exactness). A self-check on a few edits compares
 the partial path with the full forward; an architecture whose forward does anything else with
 ``inputs_embeds`` (position embeddings added, scaling) fails it and falls back to the full forward.
 
