@@ -24,6 +24,7 @@ from typing import overload
 
 import numpy as np
 
+from locft_dist.edits.framed_file import check_sha256, read_header
 from locft_dist.edits.schema import EditRequest
 
 MAGIC = b"LOCFTREC"
@@ -94,31 +95,16 @@ def read_records(path: Path, key: str) -> RecordTable:
     """Map a record file after checking its magic, key, size and payload sha256."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
-        if handle.read(len(MAGIC)) != MAGIC:
-            raise CorruptRecordsError("not a record file")
-        raw = handle.read(8)
-        if len(raw) != 8:
-            raise CorruptRecordsError("truncated header")
-        (header_len,) = struct.unpack("<Q", raw)
-        if header_len > size:
-            raise CorruptRecordsError("header length past the end of the file")
+        header, start = read_header(handle, size, MAGIC, key, CorruptRecordsError, "record file")
         try:
-            header = json.loads(handle.read(header_len))
             n = int(header["num_records"])
         except (ValueError, KeyError, TypeError) as err:
             raise CorruptRecordsError(f"unreadable header ({err})") from None
-        if header.get("key") != key:
-            raise CorruptRecordsError("written for other edits or settings")
-        start = len(MAGIC) + 8 + header_len
         payload_at = start + 8 * (n + 1)
         if size < payload_at:
             raise CorruptRecordsError("truncated offsets")
         handle.seek(payload_at)
-        digest = hashlib.sha256()
-        while block := handle.read(1 << 20):
-            digest.update(block)
-        if digest.hexdigest() != header.get("sha256"):
-            raise CorruptRecordsError("payload checksum mismatch")
+        check_sha256(handle, header.get("sha256"), CorruptRecordsError)
     offsets = np.memmap(path, dtype=np.int64, mode="r", offset=start, shape=(n + 1,))
     if int(offsets[0]) != 0 or int(offsets[-1]) != size - payload_at or np.any(np.diff(offsets) < 0):
         raise CorruptRecordsError("offsets do not describe the payload")

@@ -31,6 +31,7 @@ import numpy as np
 from locft_dist import outputs
 from locft_dist.edits.encode import EncodedExample, Encoding, encode_pair, encode_pairs
 from locft_dist.edits.formats import load_edits
+from locft_dist.edits.framed_file import check_sha256, read_header
 from locft_dist.edits.record_cache import CorruptRecordsError, read_records, write_records
 from locft_dist.edits.schema import EditRequest, edits_fingerprint
 from locft_dist.errors import EncodingError
@@ -200,31 +201,16 @@ def read_cache(path: Path, key: str) -> tuple[TokenTable, dict[str, Any]]:
     """Map a cache file after checking its magic, key, sizes and payload sha256."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
-        if handle.read(len(MAGIC)) != MAGIC:
-            raise CorruptCacheError("not a token cache file")
-        raw = handle.read(8)
-        if len(raw) != 8:
-            raise CorruptCacheError("truncated header")
-        (header_len,) = struct.unpack("<Q", raw)
-        if header_len > size:
-            raise CorruptCacheError("header length past the end of the file")
+        header, start = read_header(handle, size, MAGIC, key, CorruptCacheError, "token cache file")
         try:
-            header = json.loads(handle.read(header_len))
             n, num_ids = int(header["num_edits"]), int(header["num_ids"])
         except (ValueError, KeyError, TypeError) as err:
             raise CorruptCacheError(f"unreadable header ({err})") from None
-        if header.get("key") != key:
-            raise CorruptCacheError("written for other edits or settings")
-        start = len(MAGIC) + 8 + header_len
         prompt_at = start + 8 * (n + 1)
         ids_at = prompt_at + 4 * n + _pad8(4 * n)
         if size != ids_at + 4 * num_ids:
             raise CorruptCacheError(f"{size} bytes, expected {ids_at + 4 * num_ids}")
-        digest = hashlib.sha256()
-        while block := handle.read(1 << 20):
-            digest.update(block)
-        if digest.hexdigest() != header.get("sha256"):
-            raise CorruptCacheError("payload checksum mismatch")
+        check_sha256(handle, header.get("sha256"), CorruptCacheError)
     offsets = np.memmap(path, dtype=np.int64, mode="r", offset=start, shape=(n + 1,))
     num_prompt = np.memmap(path, dtype=np.int32, mode="r", offset=prompt_at, shape=(n,))
     ids = np.memmap(path, dtype=np.int32, mode="r", offset=ids_at, shape=(num_ids,))
