@@ -29,7 +29,9 @@ from pathlib import Path
 KEYS = ("reliability", "generalization", "locality")
 
 
-def demo_setup(out: Path, num_edits: int, tiny: Path | None = None) -> tuple[Path, list, list[str]]:
+def demo_setup(
+    out: Path, num_edits: int, tiny: Path | None = None, keep_neighbours: bool = False
+) -> tuple[Path, list, list[str]]:
     from locft_dist.demo.build import build_demo_world, build_tiny_world_model
     from locft_dist.demo.run import FULL
 
@@ -38,6 +40,16 @@ def demo_setup(out: Path, num_edits: int, tiny: Path | None = None) -> tuple[Pat
     else:
         demo = build_demo_world(out / "world", quick=False, seed=0, progress=False)
     requests = demo.world.make_edits(num_edits, seed=0)
+    if keep_neighbours:  # the facts to keep: the edited subjects' other facts (never the evaluated probes)
+        keep = out / "keep.txt"
+        keep.write_text("\n".join(demo.world.neighbour_prompts(requests)) + "\n")
+        locality = [
+            "augment.locality_source=file",
+            f"augment.locality_path={keep}",
+            "augment.locality_loss=kl",
+        ]
+    else:
+        locality = []
     settings = [
         f"locate.layers={list(FULL.layers)}",
         f"locate.modules={list(FULL.modules)}",
@@ -45,6 +57,7 @@ def demo_setup(out: Path, num_edits: int, tiny: Path | None = None) -> tuple[Pat
         f"train.batch_size={FULL.batch_size}",
         f"train.epochs={FULL.epochs}",
         f"train.depth_first_max_steps={FULL.epochs}",
+        *locality,
     ]
     return demo.model_dir, requests, settings
 
@@ -110,6 +123,11 @@ def main() -> None:
     parser.add_argument("--eval-limit", type=int, help="continual.eval_limit (all-waves evaluation sample)")
     parser.add_argument("--cost", action="store_true", help="also time each wave without evaluation")
     parser.add_argument("--skip-depth-first", action="store_true")
+    parser.add_argument(
+        "--keep-neighbours",
+        action="store_true",
+        help="demo worlds: every run keeps the edited subjects' other facts (augment.locality_*, KL)",
+    )
     parser.add_argument("--set", action="append", default=[], help="more `locft edit` overrides (KEY=VALUE)")
     parser.add_argument(
         "--table-only", action="store_true", help="print the table from OUT's run directories (no runs)"
@@ -124,7 +142,7 @@ def main() -> None:
     if args.real:
         model_dir, requests, settings = real_setup(out, total, args.preset)
     else:
-        model_dir, requests, settings = demo_setup(out, total, args.tiny_world)
+        model_dir, requests, settings = demo_setup(out, total, args.tiny_world, args.keep_neighbours)
     from locft_dist.edits import write_jsonl
 
     if len(requests) < total:

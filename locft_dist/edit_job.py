@@ -198,13 +198,14 @@ def _run_edit(cfg: RunConfig, strategy: Strategy, run: Run) -> EditOutcome:
             )
             metrics_all_base = evaluation_all.before(model)
             _reshard(model)
-    continual.start(strategy, model)  # base + the previous wave's delta (a checkpoint, if any, wins)
-
     # -- train, or resume: a finished run's last checkpoint holds the trained weights -------------------
     run.signals.phase = "preparing the training set"
+    # Augmentation is what the *base* model says (paraphrase prefixes, locality references), also in a
+    # continued wave: references from base + the previous delta would let every wave's drift stand.
     train_examples, dataset_fingerprint = augmented_examples(
         cfg, strategy, model, tokenizer, requests, examples, loaded.fingerprint, base_fingerprint, run_log
     )
+    continual.start(strategy, model)  # base + the previous wave's delta (a checkpoint, if any, wins)
     replay = continual.replay(len(train_examples))
     if replay is not None:
         train_examples = [*train_examples, *continual.replay_examples(tokenizer, replay)]

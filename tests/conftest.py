@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -14,6 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 # below, and export it so subprocesses (CLI tests) find the same one.
 _USER_CACHE = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
 os.environ.setdefault("LOCFT_MODEL_CACHE", os.path.join(_USER_CACHE, "locft-dist", "models"))
+# DeepSpeed compiles its CPU communication op once (about a minute) into torch's extension cache, which
+# follows XDG_CACHE_HOME: pin it to the user's cache so the override below does not rebuild it per session.
+_PY = f"py{sys.version_info.major}{sys.version_info.minor}"
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(_USER_CACHE, "torch_extensions", f"{_PY}_cpu"))
 # Runs write their token caches under XDG_CACHE_HOME: keep the suite's (and its subprocesses') out of ~.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="locft-test-cache-")
 SHARED_DATA = REPO.parent / "shared" / "data"

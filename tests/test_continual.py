@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 import random
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -201,6 +202,31 @@ def test_a_wave_killed_mid_way_resumes_exactly(waves):
     assert any(e["event"] == "resume" for e in events)
     for name, tensor in delta(waves["tmp"] / "r2").items():
         assert torch.equal(delta(run_dir)[name], tensor), f"{name} differs after a kill at step {kill_at}"
+
+
+def test_a_waves_augmentation_is_what_the_base_model_says(waves, world_model):
+    """Locality references (and paraphrase prefixes) of a continued wave come from the base model, as in a
+    plain run on the same edits, not from base + the previous delta (that would keep each wave's drift)."""
+    tmp = waves["tmp"]
+    probes = tmp / "data" / "keep.txt"
+    probes.write_text("\n".join(world_model.world.neighbour_prompts(waves["wave1"])[:8]) + "\n")
+    augment = {
+        "augment.locality_source": "file",
+        "augment.locality_path": probes,
+        "augment.locality_loss": "kl",
+        "augment.paraphrases": 1,
+        "train.epochs": 1,
+        "eval.enabled": "false",
+    }
+    plain = wave_args(waves["model"], tmp / "data" / "wave2.jsonl", **augment)
+    continued = [*plain, f"continual.previous={tmp / 'r1'}"]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda job: run(1, *job), [(tmp / "aug_plain", plain), (tmp / "aug_wave2", continued)]))
+    from_base = load_file(tmp / "aug_plain" / "augment.safetensors")
+    in_wave = load_file(tmp / "aug_wave2" / "augment.safetensors")
+    assert from_base.keys() == in_wave.keys() and len(from_base) > 0
+    for name, tensor in from_base.items():
+        assert torch.equal(in_wave[name], tensor), name
 
 
 def test_the_cumulative_delta_with_plain_transformers_reproduces_the_metrics(waves):

@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,12 @@ def locft(*args, cwd=REPO, umask: int | None = None, env=None) -> subprocess.Com
         timeout=600,
         preexec_fn=(lambda: os.umask(umask)) if umask is not None else None,
     )
+
+
+def locft_together(*commands: tuple, umask: int | None = None) -> list[subprocess.CompletedProcess]:
+    """Independent ``locft`` commands at once: each spends most of its time importing torch."""
+    with ThreadPoolExecutor(min(len(commands), 4)) as pool:
+        return list(pool.map(lambda args: locft(*args, umask=umask), commands))
 
 
 def modes(root: Path) -> dict[str, int]:
@@ -61,15 +68,16 @@ def test_every_output_gets_the_mode_the_umask_gives(tiny_model_dir, edits, tmp_p
                  "train.progress=false", "output.checkpoint_every=1", umask=umask)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run / "metrics.json").read_text())["train"]["num_steps"] == 4  # 2 epochs x 2 edits
-    procs = [
-        locft("apply", "--model", tiny_model_dir, "--delta", run / "delta.safetensors",
-              "--out", tmp_path / "edited", umask=umask),
-        locft("convert", edits, tmp_path / "converted.jsonl", umask=umask),
-        locft("eval", "--model", tiny_model_dir, "--edits", edits, "--json", tmp_path / "eval.json",
-              "--no-generation", umask=umask),
-        locft("report", run, umask=umask),
-        locft("export-delta", run, "--step", "3", umask=umask),
-    ]  # fmt: skip
+    procs = locft_together(
+        ("apply", "--model", tiny_model_dir, "--delta", run / "delta.safetensors",
+         "--out", tmp_path / "edited"),
+        ("convert", edits, tmp_path / "converted.jsonl"),
+        ("eval", "--model", tiny_model_dir, "--edits", edits, "--json", tmp_path / "eval.json",
+         "--no-generation"),
+        ("report", run),
+        ("export-delta", run, "--step", "3"),
+        umask=umask,
+    )  # fmt: skip
     for done in procs:
         assert done.returncode == 0, done.stderr[-3000:]
     in_run = modes(run)
@@ -126,15 +134,16 @@ def test_unwritable_destinations_fail_first_with_the_path(tiny_model_dir, edits,
             ),
             "--json": ("eval", "--model", tiny_model_dir, "--edits", edits, "--json", "{}"),
         }
-        for what, command in cases.items():
-            for where, reason in ((blocker / "x" / "y", "is a file, not a directory"), (readonly / "x", "")):
-                args = [str(a).replace("{}", str(where)) for a in command]
-                proc = locft(*args)
-                assert proc.returncode == 2, (what, proc.stderr[-2000:])
-                assert f"{what} {where}" in proc.stderr, proc.stderr[-2000:]
-                assert (reason or f"cannot write in {readonly}") in proc.stderr, proc.stderr[-2000:]
-                assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-                assert proc.stdout == "", f"{what}: work was done before the check: {proc.stdout[-500:]}"
+        wheres = ((blocker / "x" / "y", "is a file, not a directory"), (readonly / "x", ""))
+        runs = [(what, where, reason) for what in cases for where, reason in wheres]
+        commands = [[str(a).replace("{}", str(where)) for a in cases[what]] for what, where, _ in runs]
+        procs = locft_together(*commands)
+        for (what, where, reason), proc in zip(runs, procs, strict=True):
+            assert proc.returncode == 2, (what, proc.stderr[-2000:])
+            assert f"{what} {where}" in proc.stderr, proc.stderr[-2000:]
+            assert (reason or f"cannot write in {readonly}") in proc.stderr, proc.stderr[-2000:]
+            assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+            assert proc.stdout == "", f"{what}: work was done before the check: {proc.stdout[-500:]}"
         assert "read-only file system" in locft("convert", edits, readonly / "x").stderr or os.geteuid() != 0
     finally:
         if os.geteuid() == 0:
