@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -31,6 +32,13 @@ SENTENCES = [
     "Dorn Asket plays the violin",
     "The favourite colour of Rina Sol is amber",
 ]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (tests may run side by side: no fixed or pid-derived ports)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def make_tokenizer(out_dir: Path | None = None):

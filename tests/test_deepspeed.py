@@ -27,7 +27,7 @@ from locft_dist.errors import ConfigError
 from locft_dist.eval.metrics import METRIC_KEYS
 from locft_dist.parallel.deepspeed import resolve_deepspeed_config
 from locft_dist.run.signals import EXIT_PREEMPTED
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 from tests.test_distributed import (
     ENV,
     EPOCHS,
@@ -239,7 +239,7 @@ def test_deepspeed_launcher_runs_the_installed_locft_command(setup):
     """``deepspeed --num_gpus 2 $(which locft) edit ...`` as typed: the launcher adds ``--local_rank=N``."""
     run_dir = setup["tmp"] / "ds_launcher"
     bin_dir = Path(sys.executable).parent
-    port = str(29500 + os.getpid() % 1000)
+    port = str(free_port())
     launcher = [str(bin_dir / "deepspeed"), "--num_gpus", "2", "--master_port", port]
     proc = subprocess.run(
         [*launcher, str(bin_dir / "locft"), "edit", *setup["args"], *ZERO3, f"output.dir={run_dir}"],
@@ -269,7 +269,7 @@ def test_accelerate_launch_runs_the_same_job(setup, backend):
             "--config_file",
             f"launch/accelerate_{backend}.yaml",
             "--main_process_port",
-            str(29500 + os.getpid() % 1000 + 1),
+            str(free_port()),
             *entry,
             "edit",
             *setup["args"],
