@@ -130,6 +130,12 @@ def main() -> None:
     )
     parser.add_argument("--set", action="append", default=[], help="more `locft edit` overrides (KEY=VALUE)")
     parser.add_argument(
+        "--continued-set",
+        action="append",
+        default=[],
+        help="overrides for the waves after the first only (KEY=VALUE; after --set)",
+    )
+    parser.add_argument(
         "--table-only", action="store_true", help="print the table from OUT's run directories (no runs)"
     )
     args = parser.parse_args()
@@ -168,7 +174,7 @@ def main() -> None:
         results = []
         for k, path in enumerate(waves, start=1):
             run_dir = out / f"{name}{k}"
-            previous = [f"continual.previous={out / f'{name}{k - 1}'}"] if k > 1 else []
+            previous = [f"continual.previous={out / f'{name}{k - 1}'}", *args.continued_set] if k > 1 else []
             seconds = edit(run_dir, [*common, *extra, f"edits.path={path}", *previous])
             results.append(
                 {
@@ -202,6 +208,7 @@ def main() -> None:
                     f"edits.path={path}",
                     f"continual.previous={out / f'waves{k - 1}'}",
                     f"continual.replay_ratio={args.replay_ratio}",
+                    *args.continued_set,
                 ],
             )
             alone = edit(out / f"cost_alone{k}", [*quiet, f"edits.path={path}"])
