@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from locft_dist.edits import write_jsonl
 from locft_dist.eval.metrics import METRIC_KEYS
 from locft_dist.run.signals import EXIT_PREEMPTED
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 NUM_EDITS, BATCH, EPOCHS = 41, 10, 4  # 5 steps an epoch, the last one a single edit (one rank pads)
@@ -350,11 +350,7 @@ def test_launch_script_runs_the_same_job(setup):
 
 def test_two_nodes_with_c10d_rendezvous(setup):
     """Two torchrun agents (one process each), as on two nodes, meeting through a c10d rendezvous."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     run_dir = setup["tmp"] / "two_nodes"
     agents = [
         subprocess.Popen(
