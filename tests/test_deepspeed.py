@@ -10,6 +10,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -170,15 +171,28 @@ def test_optimizer_state_only_for_the_localized_parameters(setup):
     assert abs(zero3 - memory("fsdp")["optimizer_bytes"]) <= 64
 
 
-def test_sigkill_mid_epoch_then_rerun_is_bitwise_identical(setup):
-    run_dir = setup["tmp"] / "killed"
-    args = [*setup["args"], *ZERO3]
-    kill_at = random.Random(os.getpid()).randint(6, KILL_BY)
-    proc = start(2, run_dir, args)
+@pytest.fixture(scope="module")
+def interrupted(setup) -> tuple[Path, int]:
+    """A 2-rank ZeRO-3 run killed (SIGKILL, launcher and workers at once) at a random step in [7, KILL_BY]:
+    (run dir, step). Tests resume copies of it, so the interruption runs once for the module."""
+    run_dir = setup["tmp"] / "interrupted"
+    kill_at = random.Random(os.getpid()).randint(7, KILL_BY)
+    proc = start(2, run_dir, [*setup["args"], *ZERO3])
     wait_for_step(run_dir, kill_at, proc)
     kill9(proc)
     assert not (run_dir / "delta.safetensors").exists()
-    run(2, run_dir, args)
+    return run_dir, kill_at
+
+
+def copy_of(interrupted, name: str) -> Path:
+    target = interrupted[0].parent / name
+    shutil.copytree(interrupted[0], target)
+    return target
+
+
+def test_sigkill_mid_epoch_then_rerun_is_bitwise_identical(setup, interrupted):
+    run_dir, kill_at = copy_of(interrupted, "killed"), interrupted[1]
+    run(2, run_dir, [*setup["args"], *ZERO3])
     events = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert any(e["event"] == "resume" for e in events), f"no resume: {[e['event'] for e in events]}"
     assert len(_events(run_dir, "prefix_cache")) == 2  # the cache is rebuilt on resume, same ownership
@@ -186,14 +200,10 @@ def test_sigkill_mid_epoch_then_rerun_is_bitwise_identical(setup):
         assert torch.equal(delta(run_dir)[name], tensor), f"{name} differs after kill at step {kill_at}"
 
 
-def test_resume_on_one_process_after_two_ranks(setup):
+def test_resume_on_one_process_after_two_ranks(setup, interrupted):
     """Checkpoints hold full tensors under FSDP's keys: a 2-rank ZeRO-3 run resumes on one process."""
-    run_dir = setup["tmp"] / "resize"
-    args = [*setup["args"], *ZERO3]
-    proc = start(2, run_dir, args)
-    wait_for_step(run_dir, 7, proc)
-    kill9(proc)
-    run(1, run_dir, args)  # no launcher: the strategy makes a group of one
+    run_dir = copy_of(interrupted, "resize")
+    run(1, run_dir, [*setup["args"], *ZERO3])  # no launcher: the strategy makes a group of one
     for name, tensor in setup["single"].items():
         torch.testing.assert_close(delta(run_dir)[name], tensor, atol=1e-5, rtol=0)
 
@@ -221,12 +231,9 @@ def test_signal_saves_exits_with_the_preemption_code_and_resumes(setup):
     assert (run_dir / "delta.safetensors").is_file()
 
 
-def test_a_checkpoint_from_other_data_is_refused(setup):
-    run_dir = setup["tmp"] / "refused"
+def test_a_checkpoint_from_other_data_is_refused(setup, interrupted):
+    run_dir = copy_of(interrupted, "refused")
     args = [*setup["args"], *ZERO3]
-    proc = start(2, run_dir, args)
-    wait_for_step(run_dir, 3, proc)
-    kill9(proc)
     other = setup["tmp"] / "other.jsonl"
     write_jsonl(setup["world"].world.make_edits(NUM_EDITS, seed=5), other)
     (run_dir / "config.yaml").unlink()  # same directory, other edits: only the checkpoint can object

@@ -4,6 +4,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -166,13 +167,33 @@ KILL_BY = 5 * (EPOCHS - 2) + 2
 two after the checkpoint it waited for, hence the margin."""
 
 
-def test_sigkill_mid_epoch_then_rerun_is_bitwise_identical(setup):
-    run_dir = setup["tmp"] / "killed"
-    kill_at = random.Random(os.getpid()).randint(6, KILL_BY)  # mid-epoch or at a boundary
-    proc = start(2, run_dir, setup["args"])
-    wait_for_step(run_dir, kill_at, proc)
-    kill9(proc)
-    assert not (run_dir / "delta.safetensors").exists()
+@pytest.fixture(scope="module")
+def interrupted(setup) -> dict[int, tuple[Path, int]]:
+    """A run killed (SIGKILL, launcher and workers at once) mid-way, per world size: ``{nproc: (run dir,
+    step it was killed after)}``. Tests resume copies of these, so each interruption runs once per module.
+    Both run with pickle patched to raise, and 2 ranks are killed at a random step in [7, KILL_BY]."""
+    killed = {}
+    for nproc, kill_at in ((2, random.Random(os.getpid()).randint(7, KILL_BY)), (1, 7)):
+        run_dir = setup["tmp"] / f"interrupted_{nproc}"
+        proc = start(nproc, run_dir, setup["args"], script=NO_PICKLE)
+        wait_for_step(run_dir, kill_at, proc)
+        kill9(proc)
+        assert not (run_dir / "delta.safetensors").exists()
+        killed[nproc] = (run_dir, kill_at)
+    return killed
+
+
+def copy_of(interrupted, nproc: int, name: str) -> Path:
+    """A fresh copy of the interrupted ``nproc`` run (a run directory resumes wherever it lies)."""
+    source, _ = interrupted[nproc]
+    target = source.parent / name
+    shutil.copytree(source, target)
+    return target
+
+
+def test_sigkill_mid_epoch_then_rerun_is_bitwise_identical(setup, interrupted):
+    run_dir = copy_of(interrupted, 2, "killed")
+    kill_at = interrupted[2][1]  # mid-epoch or at a boundary
     run(2, run_dir, setup["args"])
     events = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert any(e["event"] == "resume" for e in events), f"no resume: {[e['event'] for e in events]}"
@@ -181,12 +202,9 @@ def test_sigkill_mid_epoch_then_rerun_is_bitwise_identical(setup):
 
 
 @pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)])
-def test_resume_on_another_world_size_without_unpickling(setup, first, second):
+def test_resume_on_another_world_size_without_unpickling(setup, interrupted, first, second):
     """Both attempts run with pickle.load/loads patched to raise: checkpoints are safetensors + JSON."""
-    run_dir = setup["tmp"] / f"resize_{first}_{second}"
-    proc = start(first, run_dir, setup["args"], script=NO_PICKLE)
-    wait_for_step(run_dir, 7, proc)
-    kill9(proc)
+    run_dir = copy_of(interrupted, first, f"resize_{first}_{second}")
     resumed = run(second, run_dir, setup["args"], script=NO_PICKLE)
     assert "UNPICKLED" not in resumed.stderr
     events = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
@@ -295,11 +313,8 @@ def test_single_process_preemption_exit_code(setup):
     assert "rerun the same command to resume" in proc.stderr.read()
 
 
-def test_corrupted_latest_checkpoint_falls_back_with_a_warning(setup):
-    run_dir = setup["tmp"] / "corrupt"
-    proc = start(2, run_dir, setup["args"])
-    wait_for_step(run_dir, 9, proc)
-    kill9(proc)
+def test_corrupted_latest_checkpoint_falls_back_with_a_warning(setup, interrupted):
+    run_dir = copy_of(interrupted, 2, "corrupt")
     newest = max((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     victim = max((p for p in newest.iterdir() if p.suffix == ".safetensors"), key=lambda p: p.stat().st_size)
     data = bytearray(victim.read_bytes())
@@ -311,11 +326,8 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(setup):
         assert torch.equal(delta(run_dir)[name], tensor)
 
 
-def test_a_checkpoint_from_other_data_is_refused(setup):
-    run_dir = setup["tmp"] / "refused"
-    proc = start(1, run_dir, setup["args"])
-    wait_for_step(run_dir, 3, proc)
-    kill9(proc)
+def test_a_checkpoint_from_other_data_is_refused(setup, interrupted):
+    run_dir = copy_of(interrupted, 1, "refused")
     other = setup["tmp"] / "other.jsonl"
     write_jsonl(setup["world"].world.make_edits(NUM_EDITS, seed=5), other)
     (run_dir / "config.yaml").unlink()  # same directory, other edits: only the checkpoint can object
