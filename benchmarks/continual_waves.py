@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
 KEYS = ("reliability", "generalization", "locality")
 
 
@@ -66,7 +67,7 @@ def real_setup(out: Path, num_edits: int, preset: str | None) -> tuple[Path, lis
     from locft_dist.edits import load_edits
     from locft_dist.real_model import real_model_dir
 
-    data = Path("/work/shared/data/counterfact_3k.json")
+    data = REPO.parent / "shared" / "data" / "counterfact_3k.json"
     requests = list(load_edits(data, limit=num_edits).requests)
     if preset:
         settings = [f"locate.preset={preset}"]
@@ -82,8 +83,14 @@ def real_setup(out: Path, num_edits: int, preset: str | None) -> tuple[Path, lis
     return real_model_dir(progress=False), requests, settings
 
 
+REUSE = False
+"""``--reuse``: a run directory that already holds a finished run is kept, its time read from its log."""
+
+
 def edit(run_dir: Path, overrides: list[str]) -> float:
     """`locft edit` as a process; its wall time."""
+    if REUSE and (run_dir / "run.json").is_file() and (run_dir / "delta.safetensors").is_file():
+        return run_seconds(run_dir)
     start = time.perf_counter()
     cmd = [sys.executable, "-m", "locft_dist", "edit", *overrides, f"output.dir={run_dir}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -138,7 +145,15 @@ def main() -> None:
     parser.add_argument(
         "--table-only", action="store_true", help="print the table from OUT's run directories (no runs)"
     )
+    parser.add_argument("--skip-one-shot", action="store_true")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep runs already finished under OUT (an interrupted benchmark, or a first wave copied in)",
+    )
     args = parser.parse_args()
+    global REUSE
+    REUSE = args.reuse
     out = args.out.resolve()
     if args.table_only:
         print_table(collect(out, args.waves))
@@ -188,12 +203,13 @@ def main() -> None:
         return results
 
     summary["runs"]["waves"] = chain("waves", [f"continual.replay_ratio={args.replay_ratio}"])
-    seconds = edit(out / "oneshot", [*common, f"edits.path={out / 'all.jsonl'}"])
-    summary["runs"]["oneshot"] = {
-        "seconds": seconds,
-        "train_seconds": train_seconds(out / "oneshot"),
-        "all": all_waves(out / "oneshot"),
-    }
+    if not args.skip_one_shot:
+        seconds = edit(out / "oneshot", [*common, f"edits.path={out / 'all.jsonl'}"])
+        summary["runs"]["oneshot"] = {
+            "seconds": seconds,
+            "train_seconds": train_seconds(out / "oneshot"),
+            "all": all_waves(out / "oneshot"),
+        }
     if not args.skip_depth_first:
         summary["runs"]["depth_first"] = chain("depth_first", ["train.pipeline=depth_first"])
     if args.cost:
