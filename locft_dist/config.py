@@ -201,6 +201,13 @@ class ContinualConfig:
     """Evaluate at most N edits of all waves so far (a seeded sample; null: all of them)."""
     keep_facts: bool = True
     """Write facts.jsonl (the run's current edits, each with its wave) so that a later wave can follow it."""
+    epochs: int | None = None
+    """A continued wave (previous set) trains this many epochs instead of train.epochs (null: the same)."""
+    locality_ratio: float | None = None
+    """A continued wave's augment.locality_ratio (null: the same); it trains replayed edits too, so it needs
+    more locality examples per new edit than a first wave (docs/continual.md: the continued-wave recipe)."""
+    locality_weight: float | None = None
+    """A continued wave's augment.locality_weight (null: the same)."""
 
 
 @dataclass(kw_only=True)
@@ -457,9 +464,14 @@ def validate(config: RunConfig) -> None:
         ("edits.limit", config.edits.limit),
         ("eval.limit", config.eval.limit),
         ("continual.eval_limit", config.continual.eval_limit),
+        ("continual.epochs", config.continual.epochs),
     ):
         if value is not None and value <= 0:
             raise ConfigError(f"'{key}' must be positive or null; got {value}")
+    for key in ("locality_ratio", "locality_weight"):
+        value = getattr(config.continual, key)
+        if value is not None and value < 0:
+            raise ConfigError(f"'continual.{key}' must be >= 0 or null; got {value}")
     if config.output.checkpoint_min_minutes < 0:
         raise ConfigError(
             f"'output.checkpoint_min_minutes' must be >= 0; got {config.output.checkpoint_min_minutes}"

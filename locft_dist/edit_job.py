@@ -18,6 +18,7 @@ from typing import Any
 
 from locft_dist.config import RunConfig
 from locft_dist.continual import ContinualWave
+from locft_dist.continual.settings import continued_wave_config
 from locft_dist.delta import compute_delta, fingerprint_tensors, read_base_tensors, write_delta
 from locft_dist.edits import EditRequest, augment
 from locft_dist.edits.encode import EncodedExample, Encoding, encode_pair, encode_pairs, pad_token_id
@@ -100,6 +101,7 @@ def read_heldout(path: str | None) -> list[str] | None:
 def run_edit(cfg: RunConfig) -> EditOutcome:
     """Run (or continue) one editing job as configured and return where its outputs are."""
     cfg = resolve_paths(cfg)  # the run is the same whatever the working directory or path spelling
+    cfg = continued_wave_config(cfg)  # continual.epochs etc. on a continued wave
     strategy = make_strategy(cfg)
     setup_logging(strategy.is_main)
     with contextlib.ExitStack() as cleanup:  # last in, first out: the run (log, lock, signals), process group

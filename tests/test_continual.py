@@ -22,11 +22,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from locft_dist.config import load_config
 from locft_dist.continual import read_facts, supersede
 from locft_dist.continual.history import Fact
+from locft_dist.continual.settings import continued_wave_config
 from locft_dist.edits import write_jsonl
 from locft_dist.edits.encode import Encoding
 from locft_dist.edits.schema import EditRequest
+from locft_dist.errors import ConfigError
 from locft_dist.eval.evaluate import compute_reference, evaluate_edits
 from locft_dist.eval.metrics import METRIC_KEYS
 from locft_dist.model import load_tokenizer
@@ -227,6 +230,45 @@ def test_a_waves_augmentation_is_what_the_base_model_says(waves, world_model):
     assert from_base.keys() == in_wave.keys() and len(from_base) > 0
     for name, tensor in from_base.items():
         assert torch.equal(in_wave[name], tensor), name
+
+
+def test_continued_wave_settings_apply_to_continued_waves_only():
+    overrides = ["continual.epochs=3", "continual.locality_ratio=2", "continual.locality_weight=4"]
+    first = load_config(None, overrides)
+    assert continued_wave_config(first) == first  # no previous run: a first wave keeps train.* / augment.*
+    wave = load_config(None, [*overrides, "continual.previous=runs/wave1"])
+    continued = continued_wave_config(wave)
+    assert continued.train.epochs == 3
+    assert (continued.augment.locality_ratio, continued.augment.locality_weight) == (2.0, 4.0)
+    with pytest.raises(ConfigError, match=r"continual\.locality_ratio"):
+        load_config(None, ["continual.locality_ratio=-1"])
+
+
+def test_a_continued_wave_trains_with_the_continual_settings(waves, world_model):
+    """One config for every wave: ``continual.epochs`` and the locality settings take over on a continued
+    wave, and its run directory records what it trained with."""
+    tmp = waves["tmp"]
+    probes = tmp / "data" / "keep_settings.txt"
+    probes.write_text("\n".join(world_model.world.neighbour_prompts(waves["wave1"])[:8]) + "\n")
+    run_dir = tmp / "r2_settings"
+    settings = {
+        "augment.locality_source": "file",
+        "augment.locality_path": probes,
+        "augment.locality_loss": "kl",
+        "continual.previous": tmp / "r1",
+        "continual.epochs": 1,
+        "continual.locality_ratio": 2,
+        "continual.locality_weight": 5,
+        "eval.enabled": "false",
+    }
+    run(1, run_dir, wave_args(waves["model"], tmp / "data" / "wave2.jsonl", **settings))
+    events = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    (augmented,) = [e for e in events if e["event"] == "augment"]
+    assert augmented["locality"] == 2 * NUM_WAVE2
+    (trained,) = [e for e in events if e["event"] == "trained"]
+    assert trained["epochs_run"] == 1
+    recorded = load_config(run_dir / "config.yaml", [])
+    assert (recorded.train.epochs, recorded.augment.locality_weight) == (1, 5.0)
 
 
 def test_the_cumulative_delta_with_plain_transformers_reproduces_the_metrics(waves):
