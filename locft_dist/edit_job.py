@@ -101,13 +101,14 @@ def read_heldout(path: str | None) -> list[str] | None:
 def run_edit(cfg: RunConfig) -> EditOutcome:
     """Run (or continue) one editing job as configured and return where its outputs are."""
     cfg = resolve_paths(cfg)  # the run is the same whatever the working directory or path spelling
-    cfg = continued_wave_config(cfg)  # continual.epochs etc. on a continued wave
     strategy = make_strategy(cfg)
     setup_logging(strategy.is_main)
     with contextlib.ExitStack() as cleanup:  # last in, first out: the run (log, lock, signals), process group
         cleanup.callback(strategy.close)
         run = cleanup.enter_context(Run(cfg, strategy))
-        return _run_edit(cfg, strategy, run)
+        # The run directory keeps the config as given (a template for any wave); a continued wave trains
+        # with continual.epochs etc. in place of train.* / augment.*.
+        return _run_edit(continued_wave_config(cfg), strategy, run)
 
 
 def _run_edit(cfg: RunConfig, strategy: Strategy, run: Run) -> EditOutcome:

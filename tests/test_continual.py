@@ -246,7 +246,7 @@ def test_continued_wave_settings_apply_to_continued_waves_only():
 
 def test_a_continued_wave_trains_with_the_continual_settings(waves, world_model):
     """One config for every wave: ``continual.epochs`` and the locality settings take over on a continued
-    wave, and its run directory records what it trained with."""
+    wave; its run directory keeps the config as given."""
     tmp = waves["tmp"]
     probes = tmp / "data" / "keep_settings.txt"
     probes.write_text("\n".join(world_model.world.neighbour_prompts(waves["wave1"])[:8]) + "\n")
@@ -267,8 +267,9 @@ def test_a_continued_wave_trains_with_the_continual_settings(waves, world_model)
     assert augmented["locality"] == 2 * NUM_WAVE2
     (trained,) = [e for e in events if e["event"] == "trained"]
     assert trained["epochs_run"] == 1
-    recorded = load_config(run_dir / "config.yaml", [])
-    assert (recorded.train.epochs, recorded.augment.locality_weight) == (1, 5.0)
+    recorded = load_config(run_dir / "config.yaml", [])  # as given: a template for the next wave
+    assert (recorded.train.epochs, recorded.continual.epochs) == (EPOCHS, 1)
+    assert recorded.continual.locality_weight == 5.0
 
 
 def test_the_cumulative_delta_with_plain_transformers_reproduces_the_metrics(waves):
