@@ -162,7 +162,7 @@ def _run_edit(cfg: RunConfig, strategy: Strategy, run: Run) -> EditOutcome:
         list(location.layers),
         ", ".join(n for n, _ in trainable),
     )
-    run_log = run.start(cfg.to_yaml())
+    run_log = run.start(run.cfg.to_yaml())  # as given (continual.* substitutions are not written)
     run_log.event(
         "setup",
         num_edits=len(examples),
