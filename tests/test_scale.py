@@ -16,6 +16,7 @@ import pytest
 
 from locft_dist.demo.synthetic import synthetic_edits
 from locft_dist.edits import write_jsonl
+from tests.conftest import make_random_llama
 from tests.test_distributed import ENV, REPO
 
 NUM_EDITS = 100_000
@@ -24,25 +25,12 @@ NUM_EDITS = 100_000
 @pytest.fixture(scope="module")
 def narrow_model_dir(world_model, tmp_path_factory) -> Path:
     """The world's tokenizer under a 2-layer, 32-wide Llama (random weights)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(world_model.model_dir)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    model = make_random_llama(len(tokenizer), num_layers=2, hidden=32)
     out = tmp_path_factory.mktemp("narrow")
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
 
