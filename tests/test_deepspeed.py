@@ -10,7 +10,6 @@ import math
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from tests.test_distributed import (
     EPOCHS,
     KILL_BY,
     NUM_EDITS,
+    copy_run,
     delta,
     edit_args,
     kill9,
@@ -184,14 +184,8 @@ def interrupted(setup) -> tuple[Path, int]:
     return run_dir, kill_at
 
 
-def copy_of(interrupted, name: str) -> Path:
-    target = interrupted[0].parent / name
-    shutil.copytree(interrupted[0], target)
-    return target
-
-
 def test_sigkill_mid_epoch_then_rerun_is_bitwise_identical(setup, interrupted):
-    run_dir, kill_at = copy_of(interrupted, "killed"), interrupted[1]
+    run_dir, kill_at = copy_run(interrupted[0], "killed"), interrupted[1]
     run(2, run_dir, [*setup["args"], *ZERO3])
     events = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert any(e["event"] == "resume" for e in events), f"no resume: {[e['event'] for e in events]}"
@@ -202,7 +196,7 @@ def test_sigkill_mid_epoch_then_rerun_is_bitwise_identical(setup, interrupted):
 
 def test_resume_on_one_process_after_two_ranks(setup, interrupted):
     """Checkpoints hold full tensors under FSDP's keys: a 2-rank ZeRO-3 run resumes on one process."""
-    run_dir = copy_of(interrupted, "resize")
+    run_dir = copy_run(interrupted[0], "resize")
     run(1, run_dir, [*setup["args"], *ZERO3])  # no launcher: the strategy makes a group of one
     for name, tensor in setup["single"].items():
         torch.testing.assert_close(delta(run_dir)[name], tensor, atol=1e-5, rtol=0)
@@ -232,7 +226,7 @@ def test_signal_saves_exits_with_the_preemption_code_and_resumes(setup):
 
 
 def test_a_checkpoint_from_other_data_is_refused(setup, interrupted):
-    run_dir = copy_of(interrupted, "refused")
+    run_dir = copy_run(interrupted[0], "refused")
     args = [*setup["args"], *ZERO3]
     other = setup["tmp"] / "other.jsonl"
     write_jsonl(setup["world"].world.make_edits(NUM_EDITS, seed=5), other)

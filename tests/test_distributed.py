@@ -183,16 +183,15 @@ def interrupted(setup) -> dict[int, tuple[Path, int]]:
     return killed
 
 
-def copy_of(interrupted, nproc: int, name: str) -> Path:
-    """A fresh copy of the interrupted ``nproc`` run (a run directory resumes wherever it lies)."""
-    source, _ = interrupted[nproc]
+def copy_run(source: Path, name: str) -> Path:
+    """A fresh copy of run directory ``source`` beside it (a run directory resumes wherever it lies)."""
     target = source.parent / name
     shutil.copytree(source, target)
     return target
 
 
 def test_sigkill_mid_epoch_then_rerun_is_bitwise_identical(setup, interrupted):
-    run_dir = copy_of(interrupted, 2, "killed")
+    run_dir = copy_run(interrupted[2][0], "killed")
     kill_at = interrupted[2][1]  # mid-epoch or at a boundary
     run(2, run_dir, setup["args"])
     events = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
@@ -204,7 +203,7 @@ def test_sigkill_mid_epoch_then_rerun_is_bitwise_identical(setup, interrupted):
 @pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)])
 def test_resume_on_another_world_size_without_unpickling(setup, interrupted, first, second):
     """Both attempts run with pickle.load/loads patched to raise: checkpoints are safetensors + JSON."""
-    run_dir = copy_of(interrupted, first, f"resize_{first}_{second}")
+    run_dir = copy_run(interrupted[first][0], f"resize_{first}_{second}")
     resumed = run(second, run_dir, setup["args"], script=NO_PICKLE)
     assert "UNPICKLED" not in resumed.stderr
     events = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
@@ -314,7 +313,7 @@ def test_single_process_preemption_exit_code(setup):
 
 
 def test_corrupted_latest_checkpoint_falls_back_with_a_warning(setup, interrupted):
-    run_dir = copy_of(interrupted, 2, "corrupt")
+    run_dir = copy_run(interrupted[2][0], "corrupt")
     newest = max((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     victim = max((p for p in newest.iterdir() if p.suffix == ".safetensors"), key=lambda p: p.stat().st_size)
     data = bytearray(victim.read_bytes())
@@ -327,7 +326,7 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(setup, interrupte
 
 
 def test_a_checkpoint_from_other_data_is_refused(setup, interrupted):
-    run_dir = copy_of(interrupted, 1, "refused")
+    run_dir = copy_run(interrupted[1][0], "refused")
     other = setup["tmp"] / "other.jsonl"
     write_jsonl(setup["world"].world.make_edits(NUM_EDITS, seed=5), other)
     (run_dir / "config.yaml").unlink()  # same directory, other edits: only the checkpoint can object
