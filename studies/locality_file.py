@@ -43,21 +43,46 @@ def mentions(prompt: str, subjects: set[str]) -> bool:
     return any(subject in lowered for subject in subjects)
 
 
+def related(record: EditRequest, objects: set[str]) -> bool:
+    """Whether a pool record's fact has an object some edit names (its true or new answer): for most
+    datasets, a fact of the same relation, as the neighbours a locality metric probes."""
+    answers = {record.target_new, record.target_true or ""}
+    return any(answer.strip().lower() in objects for answer in answers if answer.strip())
+
+
 def locality_prompts(
-    pool: Sequence[EditRequest], edits: Sequence[EditRequest], num: int, seed: int
+    pool: Sequence[EditRequest],
+    edits: Sequence[EditRequest],
+    num: int,
+    seed: int,
+    *,
+    near_objects: bool = False,
 ) -> list[str]:
-    """Up to ``num`` distinct pool prompts, drawn at random, that name no edited subject and are no probe."""
+    """Up to ``num`` distinct pool prompts, drawn at random, that name no edited subject and are no probe.
+
+    ``near_objects``: only records whose true or new answer is an object of some edit, with every prompt
+    such a record has (its prompt, rephrasings and locality prompts), so that the supervision holds facts
+    of the edited relations in place, not just any fact.
+    """
     subjects, probes = excluded(edits)
+    objects = {a.strip().lower() for e in edits for a in (e.target_new, e.target_true or "") if a.strip()}
     candidates: list[str] = []
     seen: set[str] = set()
     for record in pool:
         if record.subject and record.subject.strip().lower() in subjects:
             continue
-        prompt = record.prompt.strip()
-        if prompt in probes or prompt in seen or mentions(prompt, subjects):
-            continue
-        seen.add(prompt)
-        candidates.append(prompt)
+        if near_objects:
+            if not related(record, objects):
+                continue
+            texts = [record.prompt, *record.rephrase_prompts, *(p.prompt for p in record.locality_prompts)]
+        else:
+            texts = [record.prompt]
+        for text in texts:
+            prompt = text.strip()
+            if prompt in probes or prompt in seen or mentions(prompt, subjects):
+                continue
+            seen.add(prompt)
+            candidates.append(prompt)
     random.Random(seed).shuffle(candidates)
     return candidates[:num]
 
@@ -81,12 +106,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--edits", required=True, nargs="+", help="edit file(s) to keep the pool apart from")
     parser.add_argument("--num", type=int, default=3000, help="prompts to write (default 3000)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--near-objects",
+        action="store_true",
+        help="only records sharing an object with an edit (same relations), with all their prompts",
+    )
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
     if args.num <= 0:
         parser.error("--num must be positive")
     edits = [request for path in args.edits for request in load_edits(path).requests]
-    prompts = locality_prompts(load_edits(args.pool, skip_invalid=True).requests, edits, args.num, args.seed)
+    pool = load_edits(args.pool, skip_invalid=True).requests
+    prompts = locality_prompts(pool, edits, args.num, args.seed, near_objects=args.near_objects)
     if not prompts:
         print(f"{args.pool}: no record left once edited subjects and probes are excluded", file=sys.stderr)
         return 1

@@ -14,10 +14,13 @@ def _module():
     return module
 
 
-def _record(subject: str, prompt: str, rephrase: str, probe: str) -> dict:
+def _record(
+    subject: str, prompt: str, rephrase: str, probe: str, new: str = "Paris", true: str = "Lyon"
+) -> dict:
     return {
         "prompt": prompt,
-        "target_new": "Paris",
+        "target_new": new,
+        "target_true": true,
         "subject": subject,
         "rephrase_prompts": [rephrase],
         "locality_prompts": [{"prompt": probe, "answer": "Rome"}],
@@ -43,6 +46,42 @@ def test_pool_excludes_edited_subjects_and_probes(tmp_path):
     assert sorted(prompts) == ["Delta plays the", "Eps speaks"]
     assert _module().main([*args, "--num", "1"]) == 0
     assert len(out.read_text().splitlines()) == 1
+
+
+def test_near_objects_keeps_records_of_the_edited_objects_with_all_their_prompts(tmp_path):
+    edits = [_record("Alpha Corp", "Alpha Corp is based in", "Alpha Corp's home is", "Beta Ltd is based in")]
+    pool = [
+        _record(
+            "Gamma", "Gamma is based in", "Gamma's seat is", "Beta Ltd is based in", new="Rome", true="Lyon"
+        ),
+        _record(
+            "Delta", "Delta is located in", "Delta sits in", "Omega is located in", new="Paris", true="Oslo"
+        ),
+        _record("Eps", "Eps speaks", "Eps talks in", "Zeta speaks", new="French", true="German"),  # unrelated
+        _record("Alpha Corp", "Alpha Corp was founded in", "x", "y"),  # edited subject
+    ]
+    for name, rows in (("edits.jsonl", edits), ("pool.jsonl", pool)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "near.jsonl"
+    args = [
+        "--pool",
+        str(tmp_path / "pool.jsonl"),
+        "--edits",
+        str(tmp_path / "edits.jsonl"),
+        "--out",
+        str(out),
+    ]
+    assert _module().main([*args, "--near-objects"]) == 0
+    prompts = sorted(json.loads(line)["prompt"] for line in out.read_text().splitlines())
+    # Gamma's locality prompt is the evaluated probe of the edit: left out
+    expected = [
+        "Delta is located in",
+        "Delta sits in",
+        "Gamma is based in",
+        "Gamma's seat is",
+        "Omega is located in",
+    ]
+    assert prompts == expected
 
 
 def test_subject_keys_probe_runs_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
