@@ -61,10 +61,12 @@ PRESETS["smollm2-135m"] = {
     "augment.locality_loss": "kl",
     "augment.locality_ratio": 1.0,
     "augment.locality_weight": 1.0,
+    "augment.paraphrases": 2,
 }
 """SmolLM2-135M(-Instruct), measured on real CounterFact edits (docs/editing_quality.md): early-mid layers,
-where the subject's last token has a subject-specific key, plus KL locality supervision on random unedited
-facts, which the user provides as ``augment.locality_path``."""
+where the subject's last token has a subject-specific key, KL locality supervision on random unedited
+facts, which the user provides as ``augment.locality_path``, and two pseudo-paraphrases per edit (the
+unedited model's own text before the prompt: generalization 0.31 -> 0.52 on 100 edits)."""
 
 
 @dataclass(frozen=True)
