@@ -20,6 +20,13 @@ os.environ.setdefault("LOCFT_MODEL_CACHE", os.path.join(_USER_CACHE, "locft-dist
 # follows XDG_CACHE_HOME: pin it to the user's cache so the override below does not rebuild it per session.
 _PY = f"py{sys.version_info.major}{sys.version_info.minor}"
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(_USER_CACHE, "torch_extensions", f"{_PY}_cpu"))
+# That build runs the first `ninja` on PATH, and ninja 1.11 and 1.12+ hash build commands differently: jobs
+# started with and without the environment's bin directory on PATH (the system's ninja vs the one pip
+# installs) would rebuild the op each time they alternate. Put this interpreter's bin directory first, as
+# an activated environment does, so every job of the suite sees the same ninja.
+_BIN = os.path.dirname(sys.executable)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = os.pathsep.join([_BIN, os.environ.get("PATH", "")])
 # Runs write their token caches under XDG_CACHE_HOME: keep the suite's (and its subprocesses') out of ~.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="locft-test-cache-")
 SHARED_DATA = REPO.parent / "shared" / "data"
