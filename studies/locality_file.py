@@ -43,11 +43,15 @@ def mentions(prompt: str, subjects: set[str]) -> bool:
     return any(subject in lowered for subject in subjects)
 
 
+def answers(record: EditRequest) -> set[str]:
+    """The record's new and true answers, normalized for comparison."""
+    return {a.strip().lower() for a in (record.target_new, record.target_true or "") if a.strip()}
+
+
 def related(record: EditRequest, objects: set[str]) -> bool:
     """Whether a pool record's fact has an object some edit names (its true or new answer): for most
     datasets, a fact of the same relation, as the neighbours a locality metric probes."""
-    answers = {record.target_new, record.target_true or ""}
-    return any(answer.strip().lower() in objects for answer in answers if answer.strip())
+    return not answers(record).isdisjoint(objects)
 
 
 def locality_prompts(
@@ -65,7 +69,7 @@ def locality_prompts(
     of the edited relations in place, not just any fact.
     """
     subjects, probes = excluded(edits)
-    objects = {a.strip().lower() for e in edits for a in (e.target_new, e.target_true or "") if a.strip()}
+    objects = set().union(*(answers(e) for e in edits))
     candidates: list[str] = []
     seen: set[str] = set()
     for record in pool:
