@@ -108,3 +108,40 @@ def test_subject_keys_probe_runs_on_a_tiny_model(tiny_model_dir, tmp_path, capsy
     assert all(len(values) == 3 for values in result.values())  # one mean per decoder layer
     assert all(-1.0 <= v <= 1.0 + 1e-6 for values in result.values() for v in values)
     assert "subject_rephrase" in capsys.readouterr().out
+
+
+def _perturb_module():
+    spec = importlib.util.spec_from_file_location("perturb_delta", ROOT / "studies" / "perturb_delta.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_perturbed_deltas_keep_the_base_and_encoding_and_have_the_asked_size(tmp_path, capsys):
+    import torch
+
+    from locft_dist.delta import read_delta, write_delta
+    from locft_dist.edits.encode import Encoding
+
+    edit = {"a.weight": torch.randn(6, 4), "b.weight": torch.randn(3) * 5}
+    encoding = Encoding(target_prefix=" ", append_eos=True, chat_template="auto", max_length=64)
+    source = write_delta(
+        tmp_path / "delta.safetensors", edit, base_model="/base", base_fingerprint="f" * 32,
+        config_json="{}", encoding=encoding, extra_metadata={"locft.chain": "[1]"},
+    )  # fmt: skip
+    module = _perturb_module()
+    assert module.main([str(source), "--out", str(tmp_path / "p"), "--scaled", "0.1", "--noise", "0.5"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    scaled, noise = (
+        read_delta(tmp_path / "p/scaled_0.1.safetensors"),
+        read_delta(tmp_path / "p/noise_0.5.safetensors"),
+    )
+    for perturbed in (scaled, noise):
+        assert perturbed.base_fingerprint == "f" * 32 and perturbed.encoding == encoding
+        assert perturbed.metadata["locft.chain"] == "[1]" and "locft.perturbation" in perturbed.metadata
+    for name, tensor in edit.items():
+        torch.testing.assert_close(scaled.tensors[name], tensor * 0.1)
+        assert abs(noise.tensors[name].norm().item() - 0.5 * tensor.norm().item()) < 1e-4
+        cosine = torch.nn.functional.cosine_similarity(noise.tensors[name].flatten(), tensor.flatten(), dim=0)
+        assert abs(cosine.item()) < 0.9, "noise should not be the edit's direction"
+    assert not list((tmp_path / "p").glob("*.tmp*")), "a temporary file was left behind"
