@@ -55,10 +55,10 @@ def edits(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o027])
-def test_every_output_gets_the_mode_the_umask_gives(tiny_model_dir, edits, tmp_path, umask):
-    """Under umask 022 colleagues can read everything (0644 files, 0755 directories); under 027 the group
-    can read and others cannot. Nothing keeps mkstemp's 0600."""
+def test_every_output_gets_the_mode_the_umask_gives(tiny_model_dir, edits, tmp_path):
+    """Under umask 027 the group can read and others cannot: 0640 files, 0750 directories. One umask that
+    is not the usual 022 catches both faults: mkstemp's 0600 kept, and a fixed 0644 whatever the umask."""
+    umask = 0o027
     file_mode, dir_mode = 0o666 & ~umask, 0o777 & ~umask
     config = tmp_path / "run.yaml"
     config.write_text(f"model:\n  path: {tiny_model_dir}\nedits:\n  path: {edits}\n")
