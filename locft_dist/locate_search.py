@@ -127,7 +127,7 @@ def search(
         len(candidates),
         len(sample),
         len(requests),
-        epochs,
+        train_cfg.epochs,
     )
     for candidate in candidates:
         start = time.perf_counter()

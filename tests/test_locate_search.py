@@ -1,5 +1,7 @@
 """`locft locate`: candidates trained from the base on a sample, ranked, and a preset `locft edit` accepts."""
 
+import logging
+
 import pytest
 
 from locft_dist.cli import main
@@ -44,6 +46,14 @@ def test_candidates_start_from_the_base_whatever_the_order(tiny_model_dir, edits
     scores = {c.layer: c.metrics.to_dict() for c in forward}
     assert scores == {c.layer: c.metrics.to_dict() for c in backward}, "a candidate saw another's weights"
     assert [c.score for c in forward] == sorted((c.score for c in forward), reverse=True)
+
+
+def test_without_epochs_candidates_train_the_runs_epochs_and_say_so(tiny_model_dir, edits_file, caplog):
+    cfg = load_config(None, _cfg(tiny_model_dir, edits_file, "train.epochs=2"))
+    with caplog.at_level(logging.INFO, logger="locft_dist.locate_search"):
+        (candidate,) = search(cfg, [1], ["mlp.down_proj"], num_sample=2, epochs=None)
+    assert "1 candidates, 2 of 4 edits, 2 epochs each" in caplog.text, caplog.text
+    assert candidate.metrics is not None
 
 
 def test_cli_writes_a_preset_that_edit_accepts(tiny_model_dir, edits_file, tmp_path, capsys):
