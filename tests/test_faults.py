@@ -56,9 +56,9 @@ def _tmp_dirs(run_dir) -> list[Path]:
 def test_kill9_during_checkpoint_save_leaves_the_previous_one_valid(tmp_path):
     """A process saving back to back is SIGKILLed mid-save; the newest valid checkpoint is whole.
 
-    Each kill is aimed at a save in progress (a ``.step-N.tmp`` directory on disk) after a random delay; a kill
-    that lands just after the rename still checks the "kill between saves" case. Attempts go on until two
-    kills landed inside a save, so a slow disk (long fsyncs between saves) cannot make the test vacuous.
+    Each kill is aimed at a save in progress (a ``.step-N.tmp`` directory on disk) after a random delay; a
+    kill that lands just after the rename still checks the "kill between saves" case. Attempts go on until
+    two kills landed inside a save, so a slow disk (long fsyncs between saves) cannot make the test vacuous.
     """
     from tests.dist_workers.save_loop import make
 
