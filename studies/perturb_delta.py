@@ -27,9 +27,6 @@ import torch
 
 from locft_dist.delta import Delta, read_delta, write_delta
 
-_WRITTEN = {"locft.format", "locft.base_model", "locft.base_fingerprint", "locft.config", "locft.encoding"}
-"""Metadata ``write_delta`` sets itself; the rest of the source's ``locft.*`` keys are copied."""
-
 
 def scaled(delta: Delta, factor: float) -> dict[str, torch.Tensor]:
     """The edit's own direction at ``factor`` times its size."""
@@ -49,9 +46,7 @@ def noise(delta: Delta, factor: float, seed: int) -> dict[str, torch.Tensor]:
 
 def write_like(source: Delta, tensors: dict[str, torch.Tensor], path: Path, note: str) -> Path:
     """``tensors`` as a delta on the same base as ``source``, with its encoding and a note of what it is."""
-    metadata = source.metadata
-    extra = {k: v for k, v in metadata.items() if k.startswith("locft.") and k not in _WRITTEN}
-    extra["locft.perturbation"] = note
+    metadata = source.metadata  # every key carried over (write_delta sets the same values it reads here)
     return write_delta(
         path,
         tensors,
@@ -59,7 +54,7 @@ def write_like(source: Delta, tensors: dict[str, torch.Tensor], path: Path, note
         base_fingerprint=source.base_fingerprint,
         config_json=metadata.get("locft.config", "{}"),
         encoding=source.encoding,
-        extra_metadata=extra,
+        extra_metadata={**metadata, "locft.perturbation": note},
     )
 
 
