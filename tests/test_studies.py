@@ -1,8 +1,11 @@
-"""studies/: the locality file (other records' prompts, no edited subject, no probe) and the key probe."""
+"""studies/: the locality file (other records' prompts, no edited subject, no probe), the key probe, the
+perturbed deltas and the null-space projected fine-tuning."""
 
 import importlib.util
 import json
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,3 +148,65 @@ def test_perturbed_deltas_keep_the_base_and_encoding_and_have_the_asked_size(tmp
         cosine = torch.nn.functional.cosine_similarity(noise.tensors[name].flatten(), tensor.flatten(), dim=0)
         assert abs(cosine.item()) < 0.9, "noise should not be the edit's direction"
     assert not list((tmp_path / "p").glob("*.tmp*")), "a temporary file was left behind"
+
+
+def _null_space_module():
+    spec = importlib.util.spec_from_file_location("null_space", ROOT / "studies" / "null_space.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_null_space_projection_holds_at_most_the_asked_energy():
+    module = _null_space_module()
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(500, 16, generator=generator, dtype=torch.float64) * torch.logspace(0, -3, 16)
+    moment = keys.T @ keys
+    projection, dims = module.null_space_projection(moment, 0.01)
+    assert 0 < dims < 16
+    assert torch.allclose(projection @ projection, projection, atol=1e-5)  # a projection
+    assert float(torch.trace(projection.double() @ moment)) <= 0.01 * float(torch.trace(moment)) + 1e-9
+    identity, all_dims = module.null_space_projection(moment, 1.0)
+    assert all_dims == 16 and torch.equal(identity, torch.eye(16))
+
+
+def test_null_space_training_leaves_preserved_prompts_alone(tiny_model_dir, tmp_path):
+    """On the tiny model: the projected update moves preserved prompts' hidden states far less than the
+    same training without the projection, while the edit loss still falls."""
+    module = _null_space_module()
+    from locft_dist.edits.encode import encode_pairs, pad_token_id
+    from locft_dist.model import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    preserved = ["the cat sat on the mat", "a dog ran in the park", "birds fly over the sea"] * 4
+    edits = encode_pairs(tokenizer, ["the capital of mars is", "the king of moon is"], ["red", "blue"])
+
+    def final_states(energy: float) -> tuple[torch.Tensor, list[float]]:
+        torch.manual_seed(0)
+        model = load_model(tiny_model_dir)
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        modules = module.tuned_modules(model, [1], "mlp.down_proj")
+        moments, count = module.key_moments(model, tokenizer, modules, preserved, continuation=2)
+        assert count > 0
+        projections = [module.null_space_projection(m, energy)[0] for m in moments]
+        delta = module.ProjectedDelta(modules, projections)
+        losses = module.train(
+            model, edits, delta, epochs=15, batch_size=2, lr=5e-2, pad=pad_token_id(tokenizer)
+        )
+        with torch.no_grad():
+            ids = tokenizer(preserved[:3], return_tensors="pt", padding=True)
+            hidden = model.get_decoder()(**ids).last_hidden_state
+        return hidden, losses
+
+    base_model = load_model(tiny_model_dir)
+    with torch.no_grad():
+        ids = tokenizer(preserved[:3], return_tensors="pt", padding=True)
+        base = base_model.get_decoder()(**ids).last_hidden_state
+    projected, projected_losses = final_states(0.05)
+    free, free_losses = final_states(1.0)
+    assert projected_losses[-1] < projected_losses[0]
+    assert free_losses[-1] < free_losses[0]
+    moved_projected = float((projected - base).norm())
+    moved_free = float((free - base).norm())
+    assert moved_projected < 0.5 * moved_free
