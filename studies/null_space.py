@@ -34,7 +34,7 @@ from torch import nn
 from locft_dist.edits.encode import collate, encode_pairs, pad_token_id
 from locft_dist.edits.formats import load_edits
 from locft_dist.eval.evaluate import EvalSettings, Evaluator
-from locft_dist.eval.generate import greedy_generate, model_eos_ids, stop_tokens
+from locft_dist.eval.generate import greedy_generate
 from locft_dist.locate import resolve_location
 from locft_dist.model import load_model, load_tokenizer
 
@@ -62,14 +62,13 @@ def key_moments(
 
     handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(modules)]
     pad = pad_token_id(tokenizer)
-    stop = stop_tokens(tokenizer, model.config.vocab_size, model_eos_ids(model))
-    stop[:] = False  # read continuations of a fixed length: the keys WILD decodes through
+    never_stop = torch.zeros(model.config.vocab_size, dtype=torch.bool)  # fixed-length continuations
     count = 0
     try:
         for first in range(0, len(prompts), 64):
             ids = [tokenizer(p)["input_ids"] for p in prompts[first : first + 64]]
             if continuation > 0:
-                more = greedy_generate(model, ids, max_new_tokens=continuation, pad_id=pad, stop=stop)
+                more = greedy_generate(model, ids, max_new_tokens=continuation, pad_id=pad, stop=never_stop)
                 ids = [p + g for p, g in zip(ids, more, strict=True)]
             width = max(len(x) for x in ids)
             input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
