@@ -36,7 +36,9 @@ from locft_dist.edits.formats import load_edits
 from locft_dist.eval.evaluate import EvalSettings, Evaluator
 from locft_dist.eval.generate import greedy_generate
 from locft_dist.locate import resolve_location
+from locft_dist.losses import forward_losses
 from locft_dist.model import load_model, load_tokenizer
+from locft_dist.outputs import write_json
 
 
 def tuned_modules(model: nn.Module, layers: Sequence[int], module: str) -> list[nn.Linear]:
@@ -133,10 +135,7 @@ def train(model, examples, delta: ProjectedDelta, *, epochs: int, batch_size: in
         total = 0.0
         for first in range(0, len(order), batch_size):
             batch = collate([examples[i] for i in order[first : first + batch_size]], pad)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]
-            token = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, reduction="none")
-            per_example = token.sum(1) / (labels != -100).sum(1)
+            per_example = forward_losses(model, batch)  # locft's loss: mean CE over each target
             loss = per_example.mean()
             optimizer.zero_grad()
             loss.backward()
@@ -206,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="JSON of the settings and both models' metrics")
     args = parser.parse_args(argv)
     result = run(args)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result, indent=2)  # temporary name, then renamed
     edited = result["edited"]
     row = " | ".join(
         f"{edited[key]:.3f}" if edited.get(key) is not None else "-"
