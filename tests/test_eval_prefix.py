@@ -69,3 +69,21 @@ def test_no_reuse_without_a_frozen_prefix(tokenizer):
     assert PrefixReuse.for_model(model, Evaluator(tokenizer, REQUESTS).ranks, 2**30) is None
     freeze_all_but(model, ["model.layers.1.mlp.down_proj.weight"])
     assert PrefixReuse.for_model(model, Evaluator(tokenizer, REQUESTS).ranks, 0) is None
+
+
+def test_cropping_a_partly_filled_cache_shortens_only_the_filled_layers():
+    """The edited pass's partial forward fills the layers from the first trainable one up; the layers below
+    are filled from the records after the crop (transformers 5.0-5.17 fail on cropping an empty layer)."""
+    from transformers import DynamicCache
+
+    from locft_dist.eval.generate import crop_filled_layers
+
+    cache = DynamicCache()
+    keys = torch.randn(2, 1, 6, 4)
+    cache.update(keys, keys + 1, 2)
+    crop_filled_layers(cache, 2)
+    assert cache.layers[2].keys.shape[2] == 4 and torch.equal(cache.layers[2].values, keys[:, :, :4] + 1)
+    assert all(getattr(layer, "keys", None) is None or layer.keys.numel() == 0 for layer in cache.layers[:2])
+    lower = torch.randn(2, 1, 4, 4)
+    cache.update(lower, lower, 0)
+    assert cache.layers[0].keys.shape[2] == cache.layers[2].keys.shape[2]

@@ -92,6 +92,17 @@ def output_cache(outputs: Any) -> Any:
     return None
 
 
+def crop_filled_layers(cache: Any, drop: int) -> None:
+    """Remove the last ``drop`` positions from every cache layer that holds any. A partial forward fills
+    only the layers it ran; transformers 5.0-5.17 fail when asked to crop an empty layer (4.x skip them)."""
+    if not hasattr(cache, "layers"):
+        cache.crop(-drop)
+        return
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            layer.crop(-drop)
+
+
 def stop_tokens(tokenizer, vocab_size: int, eos_ids: Sequence[int] = ()) -> torch.Tensor:
     """``[vocab_size]`` booleans: the tokens that end a generation (EOS, or any token whose text holds a
     stop string). Decoding stops there; the text itself is cut by ``cut_at_stop``, so this only decides

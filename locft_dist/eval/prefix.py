@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from locft_dist.errors import LocateError
-from locft_dist.eval.generate import Ranks, any_rank, output_cache
+from locft_dist.eval.generate import Ranks, any_rank, crop_filled_layers, output_cache
 from locft_dist.eval.passes import FullForward, Layout, decoder_forward
 from locft_dist.locate import find_decoder_layers
 from locft_dist.prefix_cache import first_trainable_layer, only_layers
@@ -116,7 +116,7 @@ class PrefixReuse(FullForward):
         cache = output_cache(outputs)
         drop = batch.input_ids.shape[1] - batch.prompt_width
         if drop:
-            cache.crop(-drop)  # layers below the first are still empty: crop leaves them alone
+            crop_filled_layers(cache, drop)  # the layers below the first are filled from the records next
         for index, (keys, values) in enumerate(lower or []):
             cache.update(keys.to(device), values.to(device), index)
         return hidden, cache
