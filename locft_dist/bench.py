@@ -68,6 +68,8 @@ class BenchConfig:
     """A Hugging Face model directory to edit instead of a random ``shape``."""
     edits: str | None = None
     """An edit file (any supported format) encoded by ``model_dir``'s tokenizer, instead of random tokens."""
+    skip_invalid: bool = False
+    """Skip the edit file's invalid records (e.g. one prompt with two targets) instead of failing."""
 
 
 @dataclass
@@ -115,9 +117,14 @@ def build_model(bench: BenchConfig) -> nn.Module:
         tie_word_embeddings=shape.tied_embeddings,
     )
     torch.manual_seed(bench.seed)
-    with device:
-        model = LlamaForCausalLM(config)
-    return model.to(DTYPES[bench.dtype]).eval()
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPES[bench.dtype])  # built in its dtype: a 72B slice has no room for fp32
+    try:
+        with device:
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    return model.eval()
 
 
 def synthetic_examples(
@@ -142,7 +149,7 @@ def bench_examples(bench: BenchConfig, model: nn.Module) -> list[EncodedExample]
 
         if not bench.model_dir:
             raise ConfigError("--edits needs --model: the edits are encoded by the model's tokenizer")
-        requests = load_edits(bench.edits, limit=bench.num_edits).requests
+        requests = load_edits(bench.edits, skip_invalid=bench.skip_invalid, limit=bench.num_edits).requests
         tokenizer = load_tokenizer(bench.model_dir)
         return encode_pairs(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests])
     eos = model.config.eos_token_id
@@ -205,7 +212,7 @@ def final_metrics(model: nn.Module, examples: Sequence[EncodedExample], device: 
 
 def measured_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """Sustained matmul FLOP/s on this device: a square matmul timed after a warm-up, best of 5 rounds."""
-    size = 4096 if device.type == "cuda" else 1024
+    size = 8192 if device.type == "cuda" else 1024
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(3):

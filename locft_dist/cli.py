@@ -223,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     be.add_argument("--model", dest="model_dir", help="a Hugging Face model directory instead of --shape")
     be.add_argument("--edits", help="with --model: an edit file to encode instead of random tokens")
+    be.add_argument("--skip-invalid", action="store_true", help="with --edits: skip invalid records")
     be.add_argument("--num-layers", type=int, help="keep only this many decoder layers of the shape")
     be.add_argument("--layer", type=int, default=-1, help="decoder layer to edit (default: -1, the last)")
     be.add_argument("--modules", nargs="+", default=["mlp.down_proj"], help="modules of that layer")
@@ -380,6 +381,7 @@ def run(args: argparse.Namespace) -> int:
             naive=not args.no_naive,
             model_dir=args.model_dir,
             edits=args.edits,
+            skip_invalid=args.skip_invalid,
         )
         if args.micro_batch_tokens is not None:
             bench.micro_batch_tokens = args.micro_batch_tokens

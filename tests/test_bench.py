@@ -52,3 +52,49 @@ def test_bench_on_a_model_directory_with_real_edits(tmp_path, capsys, tiny_model
     assert report["config"]["num_edits"] == 5 and ours["num_edit_passes"] == 15
     assert abs(naive["final_loss"] - ours["final_loss"]) < 1e-4 and naive["final_loss"] > 0
     assert naive["final_accuracy"] == ours["final_accuracy"]
+
+
+def test_a_shape_is_built_in_its_dtype_and_the_default_dtype_is_restored():
+    import torch
+
+    from locft_dist.bench import build_model
+
+    model = build_model(BenchConfig(num_layers=2, dtype="bfloat16"))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32
+
+
+def test_bench_skips_invalid_records_only_when_asked(tmp_path, tiny_model_dir):
+    import pytest
+
+    from locft_dist.bench import bench_examples, build_model
+    from locft_dist.edits import EditRequest, write_jsonl
+    from locft_dist.errors import EditDataError
+
+    edits = tmp_path / "edits.jsonl"
+    requests = [EditRequest("Kesso Varn works as a", "baker"), EditRequest("Dorn Asket plays the", "violin")]
+    write_jsonl([*requests, EditRequest("Kesso Varn works as a", "pilot")], edits)  # one prompt, two targets
+    bench = BenchConfig(model_dir=str(tiny_model_dir), edits=str(edits), num_edits=3)
+    model = build_model(bench)
+    with pytest.raises(EditDataError, match="record 3"):
+        bench_examples(bench, model)
+    bench.skip_invalid = True
+    assert len(bench_examples(bench, model)) == 2
+
+
+def test_eval_cost_reads_the_phases_from_the_default_log_format():
+    from datetime import datetime
+
+    from benchmarks.eval_cost import phases
+
+    started = datetime(2026, 11, 26, 23, 59, 50).timestamp()
+    log = "\n".join(
+        [
+            "23:59:55 INFO locft_dist.eval.in_run: evaluating the unedited model on 60 edits",
+            "00:00:05 INFO locft_dist.edit_job: training: breadth_first, 60 edits",  # past midnight
+            "00:00:07 INFO locft_dist.edit_job: trained in 2.0s: 2 steps",
+            "00:00:08 INFO locft_dist.eval.in_run: evaluating the edited model on 60 edits",
+        ]
+    )
+    got = phases(log, started, started + 21)
+    assert got == {"eval_before_s": 10.0, "startup_s": 5.0, "train_s": 2.0, "eval_after_s": 3.0}
