@@ -169,8 +169,9 @@ def train_breadth_first(
                 per_edit = per_edit * weight
                 strategy.backward(per_edit.sum() / len(batch.indices))
                 batch_sums[0] += per_edit.detach().double().sum()
-                batch_sums[1] += float(inputs["attention_mask"].sum()) * weight
-                stats.num_tokens += int(inputs["attention_mask"].sum()) * int(weight)
+                real_tokens = sum(lengths[i] for i in chunk)  # from the host: no wait on the device here
+                batch_sums[1] += real_tokens * weight
+                stats.num_tokens += real_tokens * int(weight)
                 stats.num_padded_tokens += inputs["attention_mask"].numel()
             batch_loss_sum, batch_tokens = strategy.all_reduce_sum(batch_sums).cpu().tolist()
             mean_loss = batch_loss_sum / len(batch.indices)
