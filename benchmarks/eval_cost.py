@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/eval_cost.py --work /tmp/eval_cost [--num-locality 1]
     OMP_NUM_THREADS=1 python benchmarks/eval_cost.py --work /tmp/eval_cost --repo ../other-checkout  # before
+    python benchmarks/eval_cost.py --work /tmp/eval_cost --device cuda             # both on a GPU
 
 Builds once (reused from ``--work``): a world of invented facts (``locft_dist.demo.world``), a byte-level
 BPE tokenizer trained on it, a randomly initialized Llama of ``locft bench``'s ``tiny`` shape (8 layers,
@@ -53,7 +54,7 @@ def build(work: Path, num_edits: int, num_locality: int, seed: int) -> tuple[Pat
 
 
 def naive_seconds(
-    model_dir: Path, edits: Path, epochs: int, batch_size: int, lr: float
+    model_dir: Path, edits: Path, epochs: int, batch_size: int, lr: float, device: str = "cpu"
 ) -> tuple[float, float]:
     """Wall and CPU seconds of the naive loop training alone (after loading and encoding)."""
     import torch
@@ -68,15 +69,23 @@ def naive_seconds(
     tokenizer = load_tokenizer(model_dir)
     requests = load_edits(str(edits)).requests
     examples = encode_pairs(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests])
-    model = load_model(model_dir)
+    model = load_model(model_dir).to(device)
     freeze_all_but(model, resolve_location(model, [-1], ["mlp.down_proj"]).parameter_names)
     train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, early_stop_loss=None, progress=False)
     start, cpu = time.perf_counter(), time.process_time()
-    naive_loop(model, examples, train, torch.device("cpu"))
+    naive_loop(model, examples, train, torch.device(device))
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+_STAMP = re.compile(r"^(?:(\d{4}-\d\d-\d\d) )?(\d\d:\d\d:\d\d)(?:,(\d{3}))? ")
+
+
+def _stamp(match: re.Match, started: float) -> float:
+    """A log line's time; a line without a date (the default format) is on the day the run started."""
+    day = match.group(1) or datetime.fromtimestamp(started).strftime("%Y-%m-%d")
+    stamp = datetime.strptime(f"{day} {match.group(2)}", "%Y-%m-%d %H:%M:%S").timestamp()
+    stamp += int(match.group(3) or 0) / 1000
+    return stamp + 86400 if stamp < started - 1 else stamp
 
 
 def phases(log: str, started: float, ended: float) -> dict[str, float]:
@@ -92,7 +101,7 @@ def phases(log: str, started: float, ended: float) -> dict[str, float]:
         match = _STAMP.match(line)
         if not match:
             continue
-        stamp = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        stamp = _stamp(match, started)
         for needle, key in keys.items():
             if needle in line and key not in marks:
                 marks[key] = stamp
@@ -153,6 +162,7 @@ def main() -> None:
     parser.add_argument("--repo", default=str(REPO), help="the checkout whose locft edit is timed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda: both the naive loop and locft edit")
     parser.add_argument("overrides", nargs="*", help="extra locft edit overrides")
     args = parser.parse_args()
     work = Path(args.work)
@@ -163,19 +173,26 @@ def main() -> None:
         "num_locality": args.num_locality,
         "epochs": args.epochs,
         "repo": args.repo,
+        "device": args.device,
     }
     if not args.skip_naive:
         code = (
             f"import json, sys; sys.path.insert(0, {str(REPO)!r}); "
             "from benchmarks.eval_cost import naive_seconds; "
-            f"print(json.dumps(naive_seconds({str(model_dir)!r}, {str(edits)!r}, {args.epochs}, 100, 5e-4)))"
+            f"print(json.dumps(naive_seconds({str(model_dir)!r}, {str(edits)!r}, {args.epochs}, 100, 5e-4, "
+            f"{args.device!r})))"
         )
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         report["naive_train_s"], report["naive_train_cpu_s"] = json.loads(
             proc.stdout.strip().splitlines()[-1]
         )
     report["locft_edit"] = run_edit(
-        Path(args.repo), model_dir, edits, work / "run", args.epochs, args.overrides
+        Path(args.repo),
+        model_dir,
+        edits,
+        work / "run",
+        args.epochs,
+        [f"model.device={args.device}", *args.overrides],
     )
     print(json.dumps(report, indent=2))
 
