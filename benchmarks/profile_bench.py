@@ -16,6 +16,7 @@ import copy
 import time
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from locft_dist.bench import BenchConfig, _sync, bench_examples, build_model
@@ -76,7 +77,10 @@ def main() -> None:
     prof.__exit__(None, None, None)
     events = prof.key_averages()
     on_device = device.type == "cuda"
-    busy = sum(e.self_device_time_total if on_device else e.self_cpu_time_total for e in events) / 1e6
+    if on_device:  # the kernels themselves (operators' rows repeat their kernels' time)
+        busy = sum(e.self_device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e6
+    else:
+        busy = prof.events().self_cpu_time_total / 1e6
     print(f"{args.epochs} profiled epochs: wall {wall:.3f} s, device busy {busy:.3f} s ({busy / wall:.0%})")
     if on_device:
         print(events.table(sort_by="self_cuda_time_total", row_limit=args.rows))
