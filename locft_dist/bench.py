@@ -265,16 +265,9 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def run_bench(bench: BenchConfig) -> dict:
-    """Both loops on the same initial weights and edits; returns the numbers the table shows."""
-    device = torch.device(bench.device)
-    model = build_model(bench)
-    location = resolve_location(model, [bench.layer], bench.modules)
-    freeze_all_but(model, location.parameter_names)
-    examples = bench_examples(bench, model)
-    num_tokens = sum(len(e.input_ids) for e in examples)
-    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    train = TrainConfig(
+def train_config(bench: BenchConfig) -> TrainConfig:
+    """locft-dist's settings for the bench: every epoch runs (no early stop), no progress bar."""
+    return TrainConfig(
         epochs=bench.epochs,
         batch_size=bench.batch_size,
         lr=bench.lr,
@@ -284,6 +277,18 @@ def run_bench(bench: BenchConfig) -> dict:
         micro_batch_tokens=bench.micro_batch_tokens,
         micro_batch_pass_cost=bench.micro_batch_pass_cost,
     )
+
+
+def run_bench(bench: BenchConfig) -> dict:
+    """Both loops on the same initial weights and edits; returns the numbers the table shows."""
+    device = torch.device(bench.device)
+    model = build_model(bench)
+    location = resolve_location(model, [bench.layer], bench.modules)
+    freeze_all_but(model, location.parameter_names)
+    examples = bench_examples(bench, model)
+    num_tokens = sum(len(e.input_ids) for e in examples)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    train = train_config(bench)
     loops: list[LoopStats] = []
     if bench.naive:
         _reset_peak(device)

@@ -6,8 +6,12 @@ import argparse
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from locft_dist.errors import ConfigError, LocftError
+
+if TYPE_CHECKING:
+    from locft_dist.bench import BenchConfig
 
 EDIT_EXAMPLES = """examples:
   locft edit --config run.yaml
@@ -281,6 +285,33 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
     return args
 
 
+def bench_config(args: argparse.Namespace) -> BenchConfig:
+    """The ``BenchConfig`` that ``locft bench``'s arguments describe (profile_bench.py reads it too)."""
+    from locft_dist.bench import BenchConfig
+
+    bench = BenchConfig(
+        device=args.device,
+        shape=args.shape,
+        num_layers=args.num_layers,
+        layer=args.layer,
+        modules=args.modules,
+        dtype=args.dtype,
+        num_edits=args.num_edits,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        naive=not args.no_naive,
+        model_dir=args.model_dir,
+        edits=args.edits,
+        skip_invalid=args.skip_invalid,
+    )
+    if args.micro_batch_tokens is not None:
+        bench.micro_batch_tokens = args.micro_batch_tokens
+    bench.micro_batch_pass_cost = args.micro_batch_pass_cost
+    return bench
+
+
 def run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         if args.real:
@@ -363,30 +394,9 @@ def run(args: argparse.Namespace) -> int:
 
         print(f"wrote {apply_delta_to_dir(args.model, args.delta, args.out)}")
     elif args.command == "bench":
-        from locft_dist.bench import BenchConfig
         from locft_dist.bench import main as bench_main
 
-        bench = BenchConfig(
-            device=args.device,
-            shape=args.shape,
-            num_layers=args.num_layers,
-            layer=args.layer,
-            modules=args.modules,
-            dtype=args.dtype,
-            num_edits=args.num_edits,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            seed=args.seed,
-            naive=not args.no_naive,
-            model_dir=args.model_dir,
-            edits=args.edits,
-            skip_invalid=args.skip_invalid,
-        )
-        if args.micro_batch_tokens is not None:
-            bench.micro_batch_tokens = args.micro_batch_tokens
-        bench.micro_batch_pass_cost = args.micro_batch_pass_cost
-        bench_main(bench, json_out=args.json_out)
+        bench_main(bench_config(args), json_out=args.json_out)
     elif args.command == "report":
         from locft_dist.report import write_report
 

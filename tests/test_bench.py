@@ -98,3 +98,13 @@ def test_eval_cost_reads_the_phases_from_the_default_log_format():
     )
     got = phases(log, started, started + 21)
     assert got == {"eval_before_s": 10.0, "startup_s": 5.0, "train_s": 2.0, "eval_after_s": 3.0}
+
+
+def test_profile_bench_takes_the_bench_options_and_reports_the_profiled_epochs(capsys):
+    from benchmarks.profile_bench import main as profile_main
+
+    profile_main(
+        ["--num-layers", "2", "--num-edits", "16", "--epochs", "2", "--batch-size", "8", "--rows", "3"]
+    )
+    out = capsys.readouterr().out
+    assert out.startswith("2 profiled epochs: wall ") and "aten::mm" in out
