@@ -21,6 +21,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -122,7 +123,9 @@ def phases(log: str, started: float, ended: float) -> dict[str, float]:
 def run_edit(
     repo: Path, model_dir: Path, edits: Path, out: Path, epochs: int, extra: list[str]
 ) -> dict[str, float]:
-    """The whole ``locft edit`` process with default evaluation: wall and CPU seconds, and phases."""
+    """The whole ``locft edit`` process with default evaluation: wall and CPU seconds, and phases. The run
+    directory is cleared first: the same command on it would resume a finished run and do nothing."""
+    shutil.rmtree(out, ignore_errors=True)
     args = [
         f"model.path={model_dir}",
         f"edits.path={edits}",

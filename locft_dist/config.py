@@ -182,8 +182,9 @@ class EvalConfig:
     """Also compute the generation metrics (_em and _wild: docs/metrics.md); slower than teacher forcing."""
     max_new_tokens: int = 40
     """WILD: greedy tokens generated per probe at most (cut at the first ".", newline or EOS)."""
-    prefix_reuse_gib: float = 1.0
-    """Host memory for the unedited pass's states below the edited layer, reused after editing (0: off)."""
+    prefix_reuse_gib: float | None = None
+    """Host memory for the unedited pass's states below the edited layer, reused after editing (0: off;
+    null: a quarter of the host memory available when the pass starts, shared by this node's ranks)."""
     limit: int | None = None
     """Evaluate only the first N edits (all by default)."""
     heldout_path: str | None = None
@@ -457,8 +458,8 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"'train.{key}' must be positive; got {value}")
     if len(config.train.betas) != 2 or not all(0 <= b < 1 for b in config.train.betas):
         raise ConfigError(f"'train.betas' must be two numbers in [0, 1); got {config.train.betas}")
-    if config.eval.prefix_reuse_gib < 0:
-        raise ConfigError(f"'eval.prefix_reuse_gib' must be >= 0; got {config.eval.prefix_reuse_gib}")
+    if config.eval.prefix_reuse_gib is not None and config.eval.prefix_reuse_gib < 0:
+        raise ConfigError(f"'eval.prefix_reuse_gib' must be >= 0 or null; got {config.eval.prefix_reuse_gib}")
     replay_ratio(config.continual.replay_ratio)  # raises naming the key
     for key, value in (
         ("edits.limit", config.edits.limit),

@@ -178,6 +178,8 @@ def _run_edit(cfg: RunConfig, strategy: Strategy, run: Run) -> EditOutcome:
     evaluation = metrics_base = evaluation_all = metrics_all_base = None
     if cfg.eval.enabled:
         run.signals.phase = "evaluating the unedited model"
+        # one process, full weights: the unedited locality generations run beside the edited ones
+        paired = isinstance(strategy, SingleProcess) and not cfg.lora.rank
         evaluation = RunEvaluation(
             cfg,
             strategy,
@@ -186,6 +188,7 @@ def _run_edit(cfg: RunConfig, strategy: Strategy, run: Run) -> EditOutcome:
             base_fingerprint=base_fingerprint,
             heldout_texts=read_heldout(cfg.eval.heldout_path),
             is_main=strategy.is_main,
+            paired=paired,
         )
         metrics_base = evaluation.before(model)
         _reshard(model)
@@ -198,6 +201,7 @@ def _run_edit(cfg: RunConfig, strategy: Strategy, run: Run) -> EditOutcome:
                 base_fingerprint=base_fingerprint,
                 is_main=strategy.is_main,
                 reference_file="reference_all.safetensors",
+                paired=paired,
             )
             metrics_all_base = evaluation_all.before(model)
             _reshard(model)

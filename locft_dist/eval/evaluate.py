@@ -8,7 +8,8 @@ own metrics and the locality ``Reference`` at once: locality probes run once, no
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -29,9 +30,20 @@ from locft_dist.eval.metrics import (
     greedy_text,
     metrics_from_sums,
     normalize_answer,
+    parted,
+    settled_words,
     token_accuracy,
+    without_partial_character,
 )
-from locft_dist.eval.passes import Decoding, FullForward, ProbeOutput, eval_mode, model_device, run_probes
+from locft_dist.eval.passes import (
+    Decoding,
+    FullForward,
+    Paired,
+    ProbeOutput,
+    eval_mode,
+    model_device,
+    run_probes,
+)
 from locft_dist.eval.perplexity import nll_sums
 from locft_dist.eval.probes import Probe, build_probes
 from locft_dist.eval.reference import Reference, gather_rows
@@ -48,6 +60,10 @@ class EvalSettings:
     progress: bool = False
     early_stop: bool = True
     """Stop decoding a probe once its results are settled (they are the same as without; tests compare)."""
+
+
+UneditedWeights = Callable[[], AbstractContextManager[None]]
+"""A context in which the model computes as the unedited model (``eval.base_weights.BaseWeights``)."""
 
 
 class Evaluator:
@@ -81,7 +97,13 @@ class Evaluator:
 
     # -- passes ----------------------------------------------------------------------------------------
 
-    def _decoding(self, model: nn.Module, reference: Reference | None, unedited: bool) -> Decoding | None:
+    def _decoding(
+        self,
+        model: nn.Module,
+        reference: Reference | None,
+        unedited: bool,
+        unedited_weights: UneditedWeights | None = None,
+    ) -> Decoding | None:
         if not self.settings.generation:
             return None
         if self._stop is None:
@@ -99,7 +121,40 @@ class Evaluator:
             target = expected[index]
             return target is not None and target.settled(decoded(tokenizer, tokens), len(tokens))
 
-        return Decoding(limits, self._stop, decided if self.settings.early_stop else None)
+        paired = None
+        if unedited_weights is not None and not unedited:
+            locality = frozenset(i for i, p in enumerate(probes) if p.kind == "locality")
+            paired = Paired(locality, unedited_weights, self._pair_decided(limits))
+        return Decoding(limits, self._stop, decided if self.settings.early_stop else None, paired)
+
+    def _pair_decided(self, limits: Sequence[int]) -> Callable[[int, list[int], list[int]], bool]:
+        """Whether a locality probe's edited and unedited generations so far fix both comparisons: for
+        each of EM and WILD, both texts are final (a stop or the budget) or they have parted."""
+        assert self._stop is not None
+        is_stop, tokenizer, wild_budget = self._stop.tolist(), self.tokenizer, self.settings.max_new_tokens
+        probes = self.probes.probes
+
+        def known(ours: list[int], theirs: list[int], budget: int, words: bool) -> bool:
+            final = [is_stop[t[-1]] or len(t) >= budget for t in (ours, theirs)]
+            if all(final):
+                return True
+            a, b = (greedy_text(tokenizer, t, budget) for t in (ours, theirs))
+            if words:
+                return parted(settled_words(a, final[0]), final[0], settled_words(b, final[1]), final[1])
+            if not final[0]:
+                a = without_partial_character(a)
+            if not final[1]:
+                b = without_partial_character(b)
+            return parted(a, final[0], b, final[1])
+
+        def decided(index: int, ours: list[int], theirs: list[int]) -> bool:
+            if not self.settings.early_stop:
+                return False
+            em_budget = min(probes[index].example.num_target_tokens + EXTRA_NEW_TOKENS, limits[index])
+            em_known = known(ours, theirs, em_budget, words=True)
+            return em_known and known(ours, theirs, wild_budget, words=False)
+
+        return decided
 
     def _expected(self, probe: Probe, reference: Reference | None, unedited: bool) -> Expected | None:
         """What settles a probe's generation early (None: it runs to a stop or its limit)."""
@@ -109,6 +164,8 @@ class Evaluator:
             words = tuple(normalize_answer(probe.answer).split())
             return Expected(em_budget, wild_budget, words, wild_words=words)
         if unedited:
+            if reference is not None and reference.deferred:
+                return Expected(0, 0, ())  # generated later, beside the edited model's (paired decoding)
             return None  # the Reference itself: every locality generation runs to its end
         if reference is None or reference.generated is None:
             return Expected(0, 0, ())  # nothing to compare with: no generation needed
@@ -126,10 +183,12 @@ class Evaluator:
         unedited: bool = False,
         forward: FullForward | None = None,
         desc: str = "eval",
+        unedited_weights: UneditedWeights | None = None,
     ) -> list[ProbeOutput]:
         """Every probe of this rank through ``model`` (collective over the ranks). The locality probes'
         generations run to their end when ``unedited`` (they become the Reference), else until they are
-        known to match ``reference`` or not."""
+        known to match ``reference`` or not; with ``unedited_weights`` (one process), the unedited
+        model's generation runs beside the edited one's and both stop where they part."""
         start = time.perf_counter()
         with eval_mode(model):
             outputs = run_probes(
@@ -137,7 +196,7 @@ class Evaluator:
                 [p.example for p in self.probes.probes],
                 pad_id=self.pad_id,
                 batch_size=self.settings.batch_size,
-                decoding=self._decoding(model, reference, unedited),
+                decoding=self._decoding(model, reference, unedited, unedited_weights),
                 ranks=self.ranks,
                 forward=forward,
                 groups=[int(p.kind != "locality") for p in self.probes.probes],  # locality decodes longest
@@ -155,15 +214,20 @@ class Evaluator:
 
     # -- reference and scores --------------------------------------------------------------------------
 
-    def reference_from(self, outputs: Sequence[ProbeOutput], device: torch.device) -> Reference:
-        """The locality rows of ``outputs`` (this rank's), assembled over ranks in global order."""
+    def reference_from(
+        self, outputs: Sequence[ProbeOutput], device: torch.device, *, deferred: bool = False
+    ) -> Reference:
+        """The locality rows of ``outputs`` (this rank's), assembled over ranks in global order;
+        ``deferred``: without generations (the edited pass decodes the unedited model beside it)."""
         mine = [(p, o) for p, o in zip(self.probes.probes, outputs, strict=True) if p.kind == "locality"]
         num = self.probes.num_locality
         predicted = gather_rows({p.slot: o.predicted for p, o in mine}, num, self.ranks, device)
         generated = None
-        if self.settings.generation:
+        if self.settings.generation and not deferred:
             generated = gather_rows({p.slot: o.generated or [] for p, o in mine}, num, self.ranks, device)
-        return Reference(predicted, generated, self.probes.key, self.settings.max_new_tokens)
+        return Reference(
+            predicted, generated, self.probes.key, self.settings.max_new_tokens, deferred=deferred
+        )
 
     def _probe_scores(
         self, probe: Probe, output: ProbeOutput, reference: Reference | None
@@ -190,8 +254,10 @@ class Evaluator:
                 "a locality probe's length differs from the Reference's: recompute the Reference"
             )
         scores = {"tf": token_accuracy(output.predicted, expected)}
-        if output.generated is not None and reference.generated is not None:
+        before = output.other_generated
+        if before is None and reference.generated is not None:
             before = reference.generated[probe.slot]
+        if output.generated is not None and before is not None:
             em = exact_match(
                 greedy_text(text, output.generated, budget_em), greedy_text(text, before, budget_em)
             )
@@ -244,11 +310,17 @@ class Evaluator:
         heldout_texts: Sequence[str] | None = None,
         *,
         forward: FullForward | None = None,
+        defer_locality_generation: bool = False,
     ) -> tuple[Reference, EditMetrics]:
-        """One pass of the unedited model: the locality Reference and the model's own metrics."""
-        outputs = self.run(model, unedited=True, forward=forward, desc="unedited")
+        """One pass of the unedited model: the locality Reference and the model's own metrics. With
+        ``defer_locality_generation`` the locality probes are not decoded here: the edited pass decodes
+        them beside the edited model (``edited(..., unedited_weights=...)``), as far as the two agree."""
+        pending = None
+        if defer_locality_generation:
+            pending = Reference([], None, self.probes.key, self.settings.max_new_tokens, deferred=True)
+        outputs = self.run(model, pending, unedited=True, forward=forward, desc="unedited")
         device = model_device(model)
-        reference = self.reference_from(outputs, device)
+        reference = self.reference_from(outputs, device, deferred=defer_locality_generation)
         perplexity = self._perplexity(model, heldout_texts)
         metrics = self.metrics(outputs, reference, device, perplexity=perplexity)
         reference.metrics = metrics.to_dict()
@@ -262,8 +334,21 @@ class Evaluator:
         *,
         perplexity_base: float | None = None,
         forward: FullForward | None = None,
+        unedited_weights: UneditedWeights | None = None,
     ) -> EditMetrics:
-        outputs = self.run(model, reference, forward=forward, desc="edited")
+        """The edited model's metrics; ``unedited_weights`` is required when the Reference deferred its
+        locality generations."""
+        if reference is not None and reference.deferred and self.settings.generation:
+            if unedited_weights is None:
+                raise ValueError(
+                    "the Reference left the locality generations to the edited pass: give it the "
+                    "unedited weights, or recompute the Reference with generations"
+                )
+        else:
+            unedited_weights = None
+        outputs = self.run(
+            model, reference, forward=forward, desc="edited", unedited_weights=unedited_weights
+        )
         perplexity = self._perplexity(model, heldout_texts)
         return self.metrics(
             outputs, reference, model_device(model), perplexity=perplexity, perplexity_base=perplexity_base

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager as ContextManager
 from typing import Any, Protocol
 
 import torch
@@ -132,6 +133,74 @@ def _idle_forward(model: nn.Module, pad_id: int, device: torch.device) -> None:
     model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=1)
 
 
+class _Stream:
+    """One batch's greedy decoding: each row's tokens so far, and the live rows' inputs and KV cache.
+
+    Ended rows leave the batch (and the cache) as soon as a tenth of it has ended, so a step costs what
+    its live rows cost.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        first: torch.Tensor,
+        cache: Any,
+        prompt_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> None:
+        self.out = [[token] for token in first.tolist()]
+        self.rows = list(range(len(self.out)))  # batch position -> original row (-1: ended, not yet dropped)
+        self.mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        self.all_ids = torch.cat([prompt_ids, first[:, None]], dim=1)
+        self.step_ids = first[:, None]
+        self.positions = attention_mask.sum(dim=1, keepdim=True)  # the first token: at the prompt's length
+        self.keyword, self.use_positions = cache_keyword(model), accepts_position_ids(model)
+        self.cache = cache if self.keyword is not None else None
+
+    def retire(self, ended: Callable[[int], bool]) -> None:
+        """Mark the live rows for which ``ended(row)`` holds as ended."""
+        self.rows = [r if r >= 0 and not ended(r) else -1 for r in self.rows]
+
+    def has_live(self) -> bool:
+        return any(r >= 0 for r in self.rows)
+
+    def step(self, model: nn.Module) -> None:
+        """One greedy token for every live row."""
+        live = [i for i, r in enumerate(self.rows) if r >= 0]
+        if len(live) <= 0.9 * len(self.rows):  # drop the ended rows from the batch and the cache
+            index = torch.tensor(live, device=self.mask.device)
+            self.rows = [self.rows[i] for i in live]
+            self.mask, self.all_ids, self.step_ids, self.positions = (
+                t[index] for t in (self.mask, self.all_ids, self.step_ids, self.positions)
+            )
+            if self.cache is not None:
+                self.cache.batch_select_indices(index)
+        kwargs: dict[str, Any] = {
+            "attention_mask": self.mask,
+            "use_cache": self.cache is not None,
+            "logits_to_keep": 1,
+        }
+        if self.cache is not None:
+            kwargs[self.keyword] = self.cache
+        else:
+            self.step_ids = self.all_ids
+            self.positions = (self.mask.cumsum(dim=1) - 1).clamp_min(0)
+        if self.use_positions:
+            kwargs["position_ids"] = self.positions
+        token = model(input_ids=self.step_ids, **kwargs).logits[:, -1, :].argmax(dim=-1)
+        for position, value in enumerate(token.tolist()):
+            if self.rows[position] >= 0:
+                self.out[self.rows[position]].append(value)
+        self.all_ids = torch.cat([self.all_ids, token[:, None]], dim=1)
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self.step_ids, self.positions = token[:, None], self.positions[:, -1:] + 1
+
+
+def _ends_at(stop: torch.Tensor, limits: Sequence[int]) -> Callable[[list[int], int], bool]:
+    is_stop = stop.tolist()
+    return lambda tokens, row: is_stop[tokens[-1]] or len(tokens) >= limits[row]
+
+
 @torch.no_grad()
 def decode(
     model: nn.Module,
@@ -152,67 +221,74 @@ def decode(
     whole sequence each step). Row ``r`` ends at a stop token, after ``limits[r]`` tokens, or once
     ``decided(r, tokens)`` says its result cannot change any more; the result is each row's tokens.
 
-    Ended rows leave the batch (and the cache) as soon as a tenth of it has ended, so a batch costs what
-    its live rows cost. ``first`` is None on a rank with no batch here: it joins each step idly.
+    ``first`` is None on a rank with no batch here: it joins each step idly.
     """
     if first is None:
         while any_rank(ranks, False, device):
             _idle_forward(model, pad_id, device)
         return []
-    is_stop = stop.tolist()
-    out = [[token] for token in first.tolist()]
+    assert prompt_ids is not None and attention_mask is not None
+    stream = _Stream(model, first, cache, prompt_ids, attention_mask)
+    at_end = _ends_at(stop, limits)
 
     def ended(row: int) -> bool:
-        tokens = out[row]
-        return (
-            is_stop[tokens[-1]]
-            or len(tokens) >= limits[row]
-            or (decided is not None and decided(row, tokens))
-        )
+        tokens = stream.out[row]
+        return at_end(tokens, row) or (decided is not None and decided(row, tokens))
 
-    rows = list(range(len(out)))  # batch position -> original row (-1: ended, not yet dropped)
-    mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-    all_ids = torch.cat([prompt_ids, first[:, None]], dim=1)
-    step_ids = first[:, None]
-    step_positions = attention_mask.sum(dim=1, keepdim=True)  # the first token sits at the prompt's length
-    keyword, use_positions = cache_keyword(model), accepts_position_ids(model)
-    if cache is not None and keyword is None:
-        cache = None
-    rows = [r if not ended(r) else -1 for r in rows]
+    stream.retire(ended)
     while True:
-        live = [i for i, r in enumerate(rows) if r >= 0]
-        if not any_rank(ranks, bool(live), device):
+        live = stream.has_live()
+        if not any_rank(ranks, live, device):
             break
         if not live:
             _idle_forward(model, pad_id, device)
             continue
-        if len(live) <= 0.9 * len(rows):  # drop the ended rows from the batch and the cache
-            index = torch.tensor(live, device=device)
-            rows = [rows[i] for i in live]
-            mask, all_ids, step_ids, step_positions = (
-                t[index] for t in (mask, all_ids, step_ids, step_positions)
-            )
-            if cache is not None:
-                cache.batch_select_indices(index)
-        kwargs: dict[str, Any] = {"attention_mask": mask, "use_cache": cache is not None, "logits_to_keep": 1}
-        if cache is not None:
-            kwargs[keyword] = cache
-        else:
-            step_ids = all_ids
-            step_positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
-        if use_positions:
-            kwargs["position_ids"] = step_positions
-        token = model(input_ids=step_ids, **kwargs).logits[:, -1, :].argmax(dim=-1)
-        for position, value in enumerate(token.tolist()):
-            row = rows[position]
-            if row >= 0:
-                out[row].append(value)
-                if ended(row):
-                    rows[position] = -1
-        all_ids = torch.cat([all_ids, token[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        step_ids, step_positions = token[:, None], step_positions[:, -1:] + 1
-    return out
+        stream.step(model)
+        stream.retire(ended)
+    return stream.out
+
+
+@torch.no_grad()
+def decode_pair(
+    model: nn.Module,
+    other_weights: Callable[[], ContextManager[None]],
+    first: torch.Tensor,
+    other_first: torch.Tensor,
+    *,
+    cache: Any,
+    other_cache: Any,
+    prompt_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    limits: Sequence[int],
+    stop: torch.Tensor,
+    decided: Callable[[int, list[int], list[int]], bool],
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Greedy decoding of the same prompts by two models in step: ``model`` as it is, and ``model``
+    inside ``other_weights()`` (e.g. the unedited weights swapped in), each from its own first tokens
+    and prompt cache. A row stops on each side at a stop token or its limit, and on both sides once
+    ``decided(row, tokens, other_tokens)`` says comparing the two can no longer change: where the two
+    part early, neither decodes to its end. One process only (the other weights are this process's)."""
+    ours = _Stream(model, first, cache, prompt_ids, attention_mask)
+    theirs = _Stream(model, other_first, other_cache, prompt_ids, attention_mask)
+    at_end = _ends_at(stop, limits)
+    settled: set[int] = set()
+
+    def retire() -> None:
+        for row in range(len(ours.out)):
+            if row not in settled and decided(row, ours.out[row], theirs.out[row]):
+                settled.add(row)
+        ours.retire(lambda row: row in settled or at_end(ours.out[row], row))
+        theirs.retire(lambda row: row in settled or at_end(theirs.out[row], row))
+
+    retire()
+    while ours.has_live() or theirs.has_live():
+        if ours.has_live():
+            ours.step(model)
+        if theirs.has_live():
+            with other_weights():
+                theirs.step(model)
+        retire()
+    return ours.out, theirs.out
 
 
 @torch.no_grad()

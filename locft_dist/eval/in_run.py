@@ -20,11 +20,12 @@ from torch import nn
 from locft_dist.config import RunConfig
 from locft_dist.edits.encode import Encoding
 from locft_dist.edits.schema import EditRequest
+from locft_dist.eval.base_weights import BaseWeights
 from locft_dist.eval.evaluate import EvalSettings, Evaluator
 from locft_dist.eval.generate import Ranks, any_rank
 from locft_dist.eval.metrics import EditMetrics
 from locft_dist.eval.passes import model_device
-from locft_dist.eval.prefix import PrefixReuse
+from locft_dist.eval.prefix import PrefixReuse, reuse_budget_bytes
 from locft_dist.eval.reference import FILE_NAME, Reference, load_reference, save_reference
 from locft_dist.model import SafetensorsCheckpoint
 
@@ -67,9 +68,12 @@ class RunEvaluation:
         heldout_texts: Sequence[str] | None = None,
         is_main: bool = True,
         reference_file: str = FILE_NAME,
+        paired: bool = False,
     ) -> None:
         """``reference_file``: where in the run directory the unedited predictions are kept (one file per
-        evaluated edit set)."""
+        evaluated edit set). ``paired`` (one process, full-weight tuning): the unedited model's locality
+        generations are decoded beside the edited model's, with the trainable tensors' unedited values
+        swapped in (``BaseWeights``), and only as far as the two agree."""
         self.evaluator = Evaluator(
             tokenizer,
             requests,
@@ -88,24 +92,32 @@ class RunEvaluation:
             "generation": cfg.eval.generation,
             "max_new_tokens": cfg.eval.max_new_tokens,
             "heldout": hashlib.sha256(json.dumps(self.heldout).encode()).hexdigest(),
+            "paired": paired,
         }
         self.key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:32]
         self.reference: Reference | None = None
         self.metrics_before: EditMetrics | None = None
-        self.prefix_budget = int(cfg.eval.prefix_reuse_gib * 2**30)
+        self.prefix_reuse_gib = cfg.eval.prefix_reuse_gib
         self.prefix: PrefixReuse | None = None
+        self.paired = paired and cfg.eval.generation
+        self.base_weights: BaseWeights | None = None
 
     def before(self, model: nn.Module) -> EditMetrics:
         """The unedited model's metrics; computes and stores the Reference unless the run directory has it."""
         device = model_device(model)
+        if self.paired:  # the model is unedited here: keep its trainable tensors for the edited pass
+            names = [n for n, p in model.named_parameters() if p.requires_grad]
+            self.base_weights = BaseWeights(model, names)
         stored = load_reference(self.path, self.key)
         if not any_rank(self.ranks, stored is None or stored.metrics is None, device):
             logger.info("unedited model: reference predictions and metrics read from %s", self.path)
             self.reference, self.metrics_before = stored, EditMetrics.from_dict(stored.metrics)
             return self.metrics_before
         logger.info("evaluating the unedited model on %d edits", self.evaluator.probes.num_edits)
-        self.prefix = PrefixReuse.for_model(model, self.ranks, self.prefix_budget)
-        reference, metrics = self.evaluator.unedited(model, self.heldout, forward=self.prefix)
+        self.prefix = PrefixReuse.for_model(model, self.ranks, reuse_budget_bytes(self.prefix_reuse_gib))
+        reference, metrics = self.evaluator.unedited(
+            model, self.heldout, forward=self.prefix, defer_locality_generation=self.paired
+        )
         reference.key = self.key
         if self.is_main:
             save_reference(self.path, reference)
@@ -120,7 +132,12 @@ class RunEvaluation:
         if self.prefix is not None:
             self.prefix.replay()
         metrics = self.evaluator.edited(
-            model, self.reference, self.heldout, perplexity_base=base, forward=self.prefix
+            model,
+            self.reference,
+            self.heldout,
+            perplexity_base=base,
+            forward=self.prefix,
+            unedited_weights=self.base_weights.swapped if self.base_weights else None,
         )
         self.prefix = None  # frees the recorded states
         logger.info("evaluated the edited model in %.1fs", self.evaluator.seconds.get("edited", 0.0))

@@ -105,6 +105,17 @@ _LAST_SPACE = re.compile(r"\s(?=\S*$)")
 _ARTICLE_WORDS = ("a", "an", "the")
 
 
+def without_partial_character(text: str) -> str:
+    """``text`` less the replacement characters an incomplete UTF-8 sequence at its end may decode to:
+    later bytes can turn them into one real character. At most three: such a sequence is at most three
+    bytes, and decoders write one replacement per sequence (byte-level BPE) or per byte (byte fallback).
+    Replacement characters before those are final."""
+    end = len(text)
+    while end > 0 and len(text) - end < 3 and text[end - 1] == "\ufffd":
+        end -= 1
+    return text[:end]
+
+
 def can_still_match(text: str, words: Sequence[str]) -> bool:
     """Whether more tokens after ``text`` (no stop in it yet) could make its normalized form ``words``.
 
@@ -112,7 +123,7 @@ def can_still_match(text: str, words: Sequence[str]) -> bool:
     at the very end aside), and it matters unless it may still become an article (which normalization
     drops). A no is final; a yes may still turn out a miss.
     """
-    text = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence: later bytes change it
+    text = without_partial_character(text)
     split = _LAST_SPACE.search(text)
     complete, tail = (text[: split.end()], text[split.end() :]) if split else ("", text)
     done = normalize_answer(complete).split()
@@ -123,6 +134,25 @@ def can_still_match(text: str, words: Sequence[str]) -> bool:
         return True
     rest = words[len(done) :]
     return bool(rest) and rest[0].startswith(tail)
+
+
+def settled_words(text: str, final: bool) -> list[str]:
+    """The normalized words of a generation that can no longer change: all of them once it is final, else
+    those before its last whitespace (the trailing word may still grow)."""
+    if final:
+        return normalize_answer(text).split()
+    text = without_partial_character(text)
+    split = _LAST_SPACE.search(text)
+    return normalize_answer(text[: split.end()]).split() if split else []
+
+
+def parted(a: Sequence, a_final: bool, b: Sequence, b_final: bool) -> bool:
+    """Whether two growing sequences (texts, or lists of settled words) can no longer end up equal: they
+    differ within their common length, or a finished one is already shorter than the other."""
+    common = min(len(a), len(b))
+    if a[:common] != b[:common]:
+        return True
+    return (a_final and len(b) > len(a)) or (b_final and len(a) > len(b))
 
 
 @dataclass(frozen=True)
@@ -147,7 +177,7 @@ class Expected:
         if num_tokens >= self.wild_budget:
             return True
         if self.wild_text is not None:
-            return not self.wild_text.startswith(text.rstrip("\ufffd"))
+            return not self.wild_text.startswith(without_partial_character(text))
         return not can_still_match(text, self.wild_words)
 
 

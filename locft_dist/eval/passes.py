@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ from locft_dist.eval.generate import (
     accepts_position_ids,
     cache_keyword,
     decode,
+    decode_pair,
     max_over_ranks,
     output_cache,
 )
@@ -45,6 +47,8 @@ class ProbeOutput:
     """Teacher-forced argmax at each answer position (predicting the answer's tokens)."""
     generated: list[int] | None
     """Greedy tokens after the prompt, up to the probe's limit and its first stop token (None: not run)."""
+    other_generated: list[int] | None = None
+    """Paired decoding: the other weights' greedy tokens on the same prompt (None: not paired)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,18 @@ class Decoding:
     limits: Sequence[int]
     stop: torch.Tensor
     decided: Callable[[int, list[int]], bool] | None = None
+    paired: Paired | None = None
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Examples whose generation is compared with another set of weights' (the locality probes against
+    the unedited weights): both decode in step (``generate.decode_pair``) until ``decided(example,
+    tokens, other_tokens)`` or both end. ``other_weights()`` is a context in which the model has them."""
+
+    examples: frozenset[int]
+    other_weights: Callable[[], AbstractContextManager[None]]
+    decided: Callable[[int, list[int], list[int]], bool]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -259,7 +275,23 @@ def run_probes(
         argmax = head_argmax(model, hidden[rows.to(device), cols.to(device)], ranks)
         predicted = argmax.split(batch.answer_lengths)
         generated: list[list[int] | None] = [None] * len(chunk)
-        if decoding is not None:
+        other: list[list[int] | None] = [None] * len(chunk)
+        if decoding is not None and _is_paired(decoding, chunk, ranks):
+            assert decoding.paired is not None
+            generated, other = _paired_generation(
+                model,
+                forward,
+                decoding,
+                decoding.paired,
+                number,
+                chunk,
+                batch,
+                predicted,
+                cache,
+                use_cache,
+                ranks,
+            )
+        elif decoding is not None:
             prompt = slice(0, batch.prompt_width)
             out = decode(
                 model,
@@ -277,6 +309,54 @@ def run_probes(
             generated = list(out)
         if not chunk:
             continue
-        for index, ids, gen in zip(chunk, predicted, generated, strict=True):
-            results[index] = ProbeOutput(ids.tolist(), gen)
+        for index, ids, gen, gen_other in zip(chunk, predicted, generated, other, strict=True):
+            results[index] = ProbeOutput(ids.tolist(), gen, gen_other)
     return results  # type: ignore[return-value]
+
+
+def _is_paired(decoding: Decoding, chunk: list[int], ranks: Ranks) -> bool:
+    """Whether this batch decodes beside the other weights (a batch is all paired or none)."""
+    if decoding.paired is None or not chunk:
+        return False
+    flags = {i in decoding.paired.examples for i in chunk}
+    if len(flags) > 1:
+        raise ValueError("a batch mixes paired and unpaired examples: give them different groups")
+    if flags == {True} and ranks.world_size > 1:
+        raise ValueError("paired decoding runs in one process (the other weights are this process's)")
+    return flags == {True}
+
+
+def _paired_generation(
+    model: nn.Module,
+    forward: FullForward,
+    decoding: Decoding,
+    paired: Paired,
+    number: int,
+    chunk: list[int],
+    batch: Layout,
+    predicted: Sequence[torch.Tensor],
+    cache: Any,
+    use_cache: bool,
+    ranks: Ranks,
+) -> tuple[list[list[int] | None], list[list[int] | None]]:
+    """The batch's prompts decoded by the model (from its prompt ``cache``) and, in step, by the model with
+    the other weights (from their own prompt forward: its cache and first token)."""
+    device = batch.input_ids.device
+    with paired.other_weights():
+        other_hidden, other_cache = forward.forward(model, number, True, batch, use_cache)
+        other_first = head_argmax(model, other_hidden[:, batch.prompt_width - 1], ranks).to(device)
+    prompt = slice(0, batch.prompt_width)
+    ours, theirs = decode_pair(
+        model,
+        paired.other_weights,
+        torch.stack([p[0] for p in predicted]).to(device),
+        other_first,
+        cache=cache,
+        other_cache=other_cache,
+        prompt_ids=batch.input_ids[:, prompt],
+        attention_mask=batch.attention_mask[:, prompt],
+        limits=[decoding.limits[i] for i in chunk],
+        stop=decoding.stop,
+        decided=lambda row, tokens, other_tokens: paired.decided(chunk[row], tokens, other_tokens),
+    )
+    return list(ours), list(theirs)

@@ -17,6 +17,7 @@ self-check on the first batch compares it with the full forward; an architecture
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -29,6 +30,37 @@ from locft_dist.locate import find_decoder_layers
 from locft_dist.prefix_cache import first_trainable_layer, only_layers
 
 logger = logging.getLogger(__name__)
+
+
+HOST_AVAILABLE_FRACTION = 0.25
+"""Default recording budget: this share of the host memory available when the unedited pass starts."""
+
+
+def available_host_bytes() -> int | None:
+    """Host memory the kernel could give this process now (``MemAvailable``); None where unknown."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def reuse_budget_bytes(configured_gib: float | None) -> int:
+    """``eval.prefix_reuse_gib`` in bytes; unset, a share of the available host memory split over the
+    node's ranks (``LOCAL_WORLD_SIZE``), since every rank records its own probes in host memory."""
+    if configured_gib is not None:
+        return int(configured_gib * 2**30)
+    available = available_host_bytes()
+    if available is None:
+        return 2**30
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return int(HOST_AVAILABLE_FRACTION * available / local_ranks)
 
 
 def _layer_kv(cache: Any, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -45,6 +45,9 @@ class Reference:
     """Everything it depends on (model, probes, settings); set when stored in a run directory."""
     metrics: dict[str, Any] | None = field(default=None)
     """The unedited model's own metrics on the same probes (``EditMetrics.to_dict()``), if computed."""
+    deferred: bool = False
+    """The locality generations were not stored: the edited pass decodes the unedited model beside the
+    edited one (paired decoding, one process) and compares them there."""
 
     def check(self, probes_key: str, num_locality: int, generation: bool, max_new_tokens: int) -> None:
         """Refuse a Reference made for other probes or a shorter generation budget."""
@@ -52,7 +55,7 @@ class Reference:
             raise ValueError(
                 "the Reference was computed for other locality probes; recompute it for these edits"
             )
-        if generation and self.generated is None:
+        if generation and self.generated is None and not self.deferred:
             raise ValueError("the Reference holds no generations; compute it with generation on")
         if generation and (self.max_new_tokens or 0) < max_new_tokens:
             raise ValueError(
@@ -107,6 +110,7 @@ def save_reference(path: str | Path, reference: Reference) -> Path:
         "locft.probes_key": reference.probes_key,
         "locft.max_new_tokens": json.dumps(reference.max_new_tokens),
         "locft.metrics": json.dumps(reference.metrics),
+        "locft.deferred": json.dumps(reference.deferred),
     }
     with outputs.atomic_path(path) as tmp:  # the umask's mode, renamed into place when complete
         save_file(tensors, str(tmp), metadata=metadata)
@@ -141,6 +145,7 @@ def load_reference(path: str | Path, key: str) -> Reference | None:
             max_new_tokens=json.loads(metadata["locft.max_new_tokens"]),
             key=key,
             metrics=json.loads(metadata["locft.metrics"]),
+            deferred=bool(json.loads(metadata.get("locft.deferred", "false"))),
         )
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(
