@@ -137,3 +137,37 @@ def test_settling_early_changes_no_metric_and_saves_decoding_steps(llama, tokeni
     assert results[True][0] == results[False][0]  # the Reference runs to its end either way
     assert results[True][1:3] == results[False][1:3]
     assert results[True][3] < results[False][3]
+
+
+def test_pooled_stragglers_decode_what_their_own_batches_would():
+    """A batch's last rows still decoding are parked and continued with other batches' rows: every row's
+    tokens are those of decoding it in its own batch to the end."""
+    import random
+
+    from locft_dist.edits.encode import EncodedExample
+    from locft_dist.eval.generate import stop_tokens
+    from locft_dist.eval.passes import PARK_DIVISOR, Decoding, run_probes
+    from tests.eval_fixtures import WORDS, tiny_llama, word_tokenizer
+
+    tokenizer = word_tokenizer()
+    model = tiny_llama(tokenizer, num_layers=2).eval()
+    calls = [0]
+    model.model.layers[0].register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    rng = random.Random(0)
+    words = [w for w in WORDS if w not in ("<pad>", "</s>", "<unk>", ".")]
+    examples = []
+    for _ in range(40):
+        prompt = tokenizer(" ".join(rng.choices(words, k=rng.randint(2, 6))))["input_ids"]
+        answer = tokenizer.convert_tokens_to_ids("paris")
+        examples.append(EncodedExample((*prompt, answer), len(prompt)))
+    stop = stop_tokens(tokenizer, len(tokenizer))
+    decoding = Decoding([rng.randint(3, 30) for _ in examples], stop)
+    kwargs = {"pad_id": tokenizer.pad_token_id, "batch_size": 2 * PARK_DIVISOR, "decoding": decoding}
+    pooled = run_probes(model, examples, **kwargs)
+    pooled_calls, calls[0] = calls[0], 0
+    alone = run_probes(model, examples, pool_stragglers=False, **kwargs)
+    assert pooled_calls < calls[0]  # fewer forwards: the long rows of three batches decode together
+    assert [o.generated for o in pooled] == [o.generated for o in alone]
+    assert [o.predicted for o in pooled] == [o.predicted for o in alone]
+    lengths = sorted(len(o.generated) for o in alone)
+    assert lengths[0] < lengths[-1] and lengths[-1] > 10  # rows of a batch end far apart

@@ -215,13 +215,18 @@ def decode(
     ranks: Ranks,
     device: torch.device,
     decided: Callable[[int, list[int]], bool] | None = None,
+    park_at: int = 0,
+    parked: list[int] | None = None,
 ) -> list[list[int]]:
     """Continue greedy decoding after ``first`` (the token each row predicted after its left-padded
     prompt ``prompt_ids``/``attention_mask``), reusing ``cache`` (the prompt's KV cache; None: re-run the
     whole sequence each step). Row ``r`` ends at a stop token, after ``limits[r]`` tokens, or once
     ``decided(r, tokens)`` says its result cannot change any more; the result is each row's tokens.
 
-    ``first`` is None on a rank with no batch here: it joins each step idly.
+    ``park_at``: once no more than this many rows are still decoding, they stop here unfinished and are
+    appended to ``parked`` (a few long rows would otherwise keep a whole batch's steps going; the caller
+    continues them pooled with other batches' rows). ``first`` is None on a rank with no batch here: it
+    joins each step idly.
     """
     if first is None:
         while any_rank(ranks, False, device):
@@ -237,7 +242,11 @@ def decode(
 
     stream.retire(ended)
     while True:
-        live = stream.has_live()
+        live_rows = [r for r in stream.rows if r >= 0]
+        if live_rows and len(live_rows) <= park_at and parked is not None:
+            parked.extend(live_rows)
+            stream.retire(lambda _row: True)
+        live = bool(live_rows) and stream.has_live()
         if not any_rank(ranks, live, device):
             break
         if not live:

@@ -250,11 +250,13 @@ def run_probes(
     groups: Sequence[int] | None = None,
     progress: bool = False,
     desc: str = "probes",
+    pool_stragglers: bool = True,
 ) -> list[ProbeOutput]:
     """Teacher-forced argmax (and, with ``decoding``, greedy tokens) of every example, in their order.
 
     Collective when ``ranks`` spans several processes: every rank must call it, with its own examples.
-    Batches are cut from the examples sorted by ``groups`` (if given), then length.
+    Batches are cut from the examples sorted by ``groups`` (if given), then length. ``pool_stragglers``:
+    a batch's last few rows still decoding are continued together with other batches' (``PARK_DIVISOR``).
     """
     ranks = ranks or OneProcess()
     forward = forward or FullForward()
@@ -264,6 +266,8 @@ def run_probes(
     results: list[ProbeOutput | None] = [None] * len(examples)
     use_cache = decoding is not None and cache_keyword(model) is not None
     forward.start_pass(num_batches, device)
+    parked_rows: list[int] = []
+    stragglers: list[tuple[int, list[int]]] = []  # (example, tokens so far) of rows parked unfinished
     for number in tqdm(range(num_batches), desc=desc, disable=not progress):
         chunk = chunks[number] if number < len(chunks) else []
         # A rank whose share is done keeps the others company with a one-token batch (sharded models
@@ -305,13 +309,75 @@ def run_probes(
                 ranks=ranks,
                 device=device,
                 decided=_per_row(decoding.decided, chunk),
+                park_at=len(chunk) // PARK_DIVISOR if pool_stragglers else 0,
+                parked=parked_rows,
             )
             generated = list(out)
+            stragglers.extend((chunk[row], out[row]) for row in parked_rows)
+            parked_rows.clear()
         if not chunk:
             continue
         for index, ids, gen, gen_other in zip(chunk, predicted, generated, other, strict=True):
             results[index] = ProbeOutput(ids.tolist(), gen, gen_other)
+    if decoding is not None:
+        for index, tokens in _continue_pooled(
+            model, examples, stragglers, decoding, pad_id, batch_size, ranks
+        ):
+            results[index].generated = tokens  # type: ignore[union-attr]
     return results  # type: ignore[return-value]
+
+
+PARK_DIVISOR = 8
+"""A batch of at least this many rows parks its last rows still decoding once they are this fraction of
+it or fewer: pooled with other batches' (``_continue_pooled``), they no longer pay a whole batch's steps."""
+
+
+def _continue_pooled(
+    model: nn.Module,
+    examples: Sequence[EncodedExample],
+    stragglers: Sequence[tuple[int, list[int]]],
+    decoding: Decoding,
+    pad_id: int,
+    batch_size: int,
+    ranks: Ranks,
+) -> list[tuple[int, list[int]]]:
+    """Greedy decoding of parked rows, pooled into full batches: each row's prompt and its tokens so far
+    are one forward (the next token and the cache), then decoding goes on as before. Collective: the
+    ranks agree on the number of pooled batches and a rank short of them runs idle ones."""
+    device = model_device(model)
+    chunks = [list(stragglers[i : i + batch_size]) for i in range(0, len(stragglers), batch_size)]
+    done: list[tuple[int, list[int]]] = []
+    use_cache = cache_keyword(model) is not None
+    for number in range(max_over_ranks(ranks, len(chunks), device)):
+        chunk = chunks[number] if number < len(chunks) else []
+        contexts = [
+            EncodedExample(tuple(examples[i].input_ids[: examples[i].num_prompt_tokens]) + tuple(t), 0)
+            for i, t in chunk
+        ]
+        rows_examples = [EncodedExample(c.input_ids, len(c.input_ids)) for c in contexts]
+        batch = layout(rows_examples or [EncodedExample((pad_id,), 1)], pad_id).to(device)
+        hidden, cache = FullForward().forward(model, number, bool(chunk), batch, use_cache)
+        following = head_argmax(model, hidden[:, -1], ranks)
+        before = [t for _, t in chunk]
+
+        def decided(row: int, tokens: list[int], before=before, chunk=chunk) -> bool:
+            return decoding.decided is not None and decoding.decided(chunk[row][0], before[row] + tokens)
+
+        out = decode(
+            model,
+            following.to(device) if chunk else None,
+            cache=cache,
+            prompt_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            limits=[decoding.limits[i] - len(t) for i, t in chunk],
+            stop=decoding.stop,
+            pad_id=pad_id,
+            ranks=ranks,
+            device=device,
+            decided=decided,
+        )
+        done.extend((i, t + more) for (i, t), more in zip(chunk, out, strict=True))
+    return done
 
 
 def _is_paired(decoding: Decoding, chunk: list[int], ranks: Ranks) -> bool:
