@@ -322,7 +322,10 @@ class Evaluator:
         device = model_device(model)
         reference = self.reference_from(outputs, device, deferred=defer_locality_generation)
         perplexity = self._perplexity(model, heldout_texts)
-        metrics = self.metrics(outputs, reference, device, perplexity=perplexity)
+        # its own locality: its generations against themselves (1.0 as with a stored Reference; deferred,
+        # the first tokens stand for them), so the unedited column is the same under every strategy
+        own = reference if not reference.deferred else self.reference_from(outputs, device)
+        metrics = self.metrics(outputs, own, device, perplexity=perplexity)
         reference.metrics = metrics.to_dict()
         return reference, metrics
 
