@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -194,17 +195,26 @@ def test_two_ranks_run_a_wave_as_one_process_does(waves, backend):
 
 
 def test_a_wave_killed_mid_way_resumes_exactly(waves):
+    """Bitwise where the resumed start rebuilds the prefix cache; a kill in the last epoch leaves fewer
+    passes than edits, the resumed start trains without the cache (it would not pay) and the delta
+    matches up to rounding (as in tests/test_prefix_cache_dist.py)."""
     run_dir = waves["tmp"] / "r2_killed"
-    kill_at = random.Random().randint(3, 10)  # 4 steps an epoch: mid-epoch or at a boundary
+    kill_at = int(os.environ.get("KILL_AT", 0)) or random.Random().randint(3, 10)  # 4 steps an epoch
     proc = start(1, run_dir, waves["args2"])
     wait_for_step(run_dir, kill_at, proc)
     kill9(proc)
     assert not (run_dir / "delta.safetensors").exists()
     run(1, run_dir, waves["args2"])
     events = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    assert any(e["event"] == "resume" for e in events)
+    resumed = [i for i, e in enumerate(events) if e["event"] == "resume"]
+    assert resumed
+    rebuilt = any(e["event"] == "prefix_cache" for e in events[resumed[0] :])
     for name, tensor in delta(waves["tmp"] / "r2").items():
-        assert torch.equal(delta(run_dir)[name], tensor), f"{name} differs after a kill at step {kill_at}"
+        message = f"{name} differs after a kill at step {kill_at} (cache rebuilt: {rebuilt})"
+        if rebuilt:
+            assert torch.equal(delta(run_dir)[name], tensor), message
+        else:
+            torch.testing.assert_close(delta(run_dir)[name], tensor, atol=1e-5, rtol=0, msg=message)
 
 
 def test_a_waves_augmentation_is_what_the_base_model_says(waves, world_model):
