@@ -319,7 +319,7 @@ def run_probes(
             continue
         for index, ids, gen, gen_other in zip(chunk, predicted, generated, other, strict=True):
             results[index] = ProbeOutput(ids.tolist(), gen, gen_other)
-    if decoding is not None:
+    if decoding is not None and pool_stragglers:
         for index, tokens in _continue_pooled(
             model, examples, stragglers, decoding, pad_id, batch_size, ranks
         ):
@@ -350,11 +350,8 @@ def _continue_pooled(
     use_cache = cache_keyword(model) is not None
     for number in range(max_over_ranks(ranks, len(chunks), device)):
         chunk = chunks[number] if number < len(chunks) else []
-        contexts = [
-            EncodedExample(tuple(examples[i].input_ids[: examples[i].num_prompt_tokens]) + tuple(t), 0)
-            for i, t in chunk
-        ]
-        rows_examples = [EncodedExample(c.input_ids, len(c.input_ids)) for c in contexts]
+        contexts = [(*examples[i].input_ids[: examples[i].num_prompt_tokens], *t) for i, t in chunk]
+        rows_examples = [EncodedExample(c, len(c)) for c in contexts]
         batch = layout(rows_examples or [EncodedExample((pad_id,), 1)], pad_id).to(device)
         hidden, cache = FullForward().forward(model, number, bool(chunk), batch, use_cache)
         following = head_argmax(model, hidden[:, -1], ranks)
