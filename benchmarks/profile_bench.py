@@ -7,7 +7,8 @@ Takes ``locft bench``'s options (``--epochs``: the epochs profiled) and ``--rows
 of the profiled epochs (after one unprofiled warm-up epoch that also fills the prefix
 cache), the device's busy time (the sum of its kernels' time; on CPU the operators' own time), and the
 operators that take the most device and host time. Busy time well under the wall time means the loop waits
-on the host (Python, launches, synchronizations), not on the device.
+on the host (Python, launches, synchronizations), not on the device. On a GPU it also counts the host's
+waits on the device (synchronizations and blocking copies) and lists the source lines that caused them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+import warnings
+from collections import Counter
+from pathlib import Path
 
 import torch
 from torch.autograd import DeviceType
@@ -23,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from locft_dist.bench import _sync, bench_examples, build_model, train_config
 from locft_dist.cli import bench_config, build_parser
 from locft_dist.locate import freeze_all_but, resolve_location
+from locft_dist.parallel.master_weights import keep_fp32_master
 from locft_dist.parallel.single import SingleProcess
 from locft_dist.trainer import train_breadth_first
 
@@ -40,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_grad_enabled(True)
     model = build_model(bench)
     freeze_all_but(model, resolve_location(model, [bench.layer], bench.modules).parameter_names)
+    keep_fp32_master(model, cast_for_matmul=device.type != "cpu")  # as `locft bench` and `locft edit` do
     examples = bench_examples(bench, model)
     train = train_config(bench)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -50,13 +56,25 @@ def main(argv: list[str] | None = None) -> None:
             _sync(device)
             state["profiler"] = profile(activities=activities)
             state["profiler"].__enter__()
+            if device.type == "cuda":  # each wait on the device becomes a warning naming its source line
+                torch.cuda.set_sync_debug_mode("warn")
             state["began"] = time.perf_counter()
 
-    train_breadth_first(
-        model, examples, SingleProcess(device), copy.copy(train), pad_id=0, on_step_end=on_step_end
-    )
-    _sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_breadth_first(
+            model, examples, SingleProcess(device), copy.copy(train), pad_id=0, on_step_end=on_step_end
+        )
+        _sync(device)
     wall = time.perf_counter() - state["began"]
+    if device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("default")
+        waits = Counter(
+            f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)
+        )
+        print(f"host waits on the device in the profiled epochs: {sum(waits.values())}")
+        for where, count in waits.most_common(own.rows):
+            print(f"  {count:6d}  {where}")
     prof = state["profiler"]
     prof.__exit__(None, None, None)
     events = prof.key_averages()

@@ -12,7 +12,8 @@ real edits encoded by the model's tokenizer, so only the compute is measured. Th
 authors' computation: every global batch padded to its longest edit, the whole model run forward, logits at
 every position over the whole vocabulary in float32, per-edit mean target cross-entropy, Adam; it visits the
 batches in the same seeded order as locft-dist, so both end with the same weights up to rounding and their
-final metrics must agree.
+final metrics must agree. With ``--dtype bfloat16`` both train float32 master weights of the edited tensors,
+as ``locft edit`` does in one process (matmuls in bf16 from a cast of the master on a GPU).
 
 The FLOP floor is the time the unavoidable work takes at the device's measured matmul peak: per real token,
 the forward of the layers that must run (the frozen prefix once per edit, layers k..L and the norm every
@@ -42,6 +43,7 @@ from locft_dist.locate import find_decoder_layers, freeze_all_but, resolve_locat
 from locft_dist.logits import final_hidden, head_logits, target_positions
 from locft_dist.losses import losses_from_hidden
 from locft_dist.model import DTYPES
+from locft_dist.parallel.master_weights import keep_fp32_master
 from locft_dist.parallel.memory import peak_host_bytes
 from locft_dist.parallel.single import SingleProcess
 from locft_dist.sampler import BreadthFirstSampler
@@ -62,6 +64,8 @@ class BenchConfig:
     lr: float = 1e-3
     seed: int = 0
     naive: bool = True
+    compile: bool = False
+    """``train.compile`` for locft-dist's loop (the naive loop stays eager)."""
     micro_batch_tokens: int | None = TrainConfig().micro_batch_tokens
     micro_batch_pass_cost: int | None = None
     model_dir: str | None = None
@@ -236,6 +240,14 @@ def _sync(device: torch.device) -> None:
 
 def floor_flops(model: nn.Module, first_layer: int, examples: Sequence[EncodedExample], epochs: int) -> float:
     """FLOPs of the unavoidable work over the run (see the module docstring)."""
+    prefix, per_epoch = floor_flops_parts(model, first_layer, examples)
+    return prefix + epochs * per_epoch
+
+
+def floor_flops_parts(
+    model: nn.Module, first_layer: int, examples: Sequence[EncodedExample]
+) -> tuple[float, float]:
+    """(the frozen prefix once, one epoch) of ``floor_flops``."""
     layers = model.get_submodule(find_decoder_layers(model).layers_path)
     hidden_size = model.config.hidden_size
     num_tokens = sum(len(e.input_ids) for e in examples)
@@ -251,7 +263,7 @@ def floor_flops(model: nn.Module, first_layer: int, examples: Sequence[EncodedEx
     above = sum(layer_flops(layer) for layer in layers[first_layer + 1 :])
     trainable = 2 * sum(p.numel() for p in model.parameters() if p.requires_grad)
     per_epoch = num_tokens * (suffix + above + trainable) + num_targets * 2 * head  # head: fwd + input grad
-    return num_tokens * prefix + epochs * per_epoch
+    return num_tokens * prefix, per_epoch
 
 
 def _peak_memory(device: torch.device) -> float:
@@ -276,6 +288,7 @@ def train_config(bench: BenchConfig) -> TrainConfig:
         seed=bench.seed,
         micro_batch_tokens=bench.micro_batch_tokens,
         micro_batch_pass_cost=bench.micro_batch_pass_cost,
+        compile=bench.compile,
     )
 
 
@@ -285,6 +298,10 @@ def run_bench(bench: BenchConfig) -> dict:
     model = build_model(bench)
     location = resolve_location(model, [bench.layer], bench.modules)
     freeze_all_but(model, location.parameter_names)
+    # As `locft edit` runs one process: fp32 master weights for a bf16/fp16 model, matmuls in the model's
+    # dtype on a GPU. Both loops train them, so they stay comparable (a bf16 weight stepped directly
+    # rounds most editing updates away).
+    keep_fp32_master(model, cast_for_matmul=device.type != "cpu")
     examples = bench_examples(bench, model)
     num_tokens = sum(len(e.input_ids) for e in examples)
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -329,7 +346,8 @@ def run_bench(bench: BenchConfig) -> dict:
         )
     )
     peak = measured_peak_flops(device, DTYPES[bench.dtype])
-    floor_seconds = floor_flops(model, location.first_layer, examples, bench.epochs) / peak
+    prefix_flops, epoch_flops = floor_flops_parts(model, location.first_layer, examples)
+    floor_seconds = (prefix_flops + bench.epochs * epoch_flops) / peak
     return {
         "config": asdict(bench),
         "first_layer": location.first_layer,
@@ -337,6 +355,7 @@ def run_bench(bench: BenchConfig) -> dict:
         "num_tokens": num_tokens,
         "peak_flops": peak,
         "floor_seconds": floor_seconds,
+        "floor_epoch_seconds": epoch_flops / peak,
         "loops": [{**asdict(s), "edits_per_second": s.edits_per_second} for s in loops],
         "speedup": loops[0].seconds / loops[-1].seconds if len(loops) == 2 else None,
     }
@@ -370,6 +389,13 @@ def format_table(report: dict) -> str:
     row("final target loss", "{:.4f}".format, lambda s: s["final_loss"])
     row("final token accuracy", "{:.3f}".format, lambda s: s["final_accuracy"])
     row("fraction of FLOP floor", "{:.1%}".format, lambda s: report["floor_seconds"] / s["seconds"])
+
+    def later_fraction(loop: dict) -> float:  # the steady state, past start-up costs
+        later = loop["epoch_seconds"][1:]
+        return report["floor_epoch_seconds"] * len(later) / sum(later)
+
+    if len(report["loops"][0]["epoch_seconds"]) > 1:
+        row("  later epochs", "{:.1%}".format, later_fraction)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [head]
     for r in rows:

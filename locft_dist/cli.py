@@ -242,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     be.add_argument("--seed", type=int, default=0)
     be.add_argument("--no-naive", action="store_true", help="time locft-dist only")
+    be.add_argument("--compile", action="store_true", help="train.compile: locft-dist's layers run compiled")
     be.add_argument("--json", dest="json_out", help="also write the numbers here")
 
     rp = sub.add_parser(
@@ -302,6 +303,7 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         lr=args.lr,
         seed=args.seed,
         naive=not args.no_naive,
+        compile=args.compile,
         model_dir=args.model_dir,
         edits=args.edits,
         skip_invalid=args.skip_invalid,

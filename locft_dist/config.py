@@ -124,6 +124,10 @@ class TrainConfig:
     rows beyond it go to a spill file read back with plain reads. null: no limit."""
     prefix_cache_spill_dir: str | None = None
     """Directory of the (unlinked, per-run) prefix-cache spill file; null: the system temp dir."""
+    compile: bool = False
+    """torch.compile the decoder layers training runs (the first trainable one and above), one compile for
+    all: fuses each block's elementwise work (norms, rotary, SwiGLU). A one-time compile of tens of seconds,
+    repaid on long GPU runs (docs/performance.md). One process (dist.strategy none) only."""
 
 
 @dataclass(kw_only=True)
@@ -456,6 +460,8 @@ def validate(config: RunConfig) -> None:
         value = getattr(config.train, key)
         if value is not None and value <= 0:
             raise ConfigError(f"'train.{key}' must be positive; got {value}")
+    if config.train.compile and config.dist.strategy in ("fsdp", "deepspeed"):
+        raise ConfigError(f"'train.compile' runs in one process; dist.strategy is {config.dist.strategy}")
     if len(config.train.betas) != 2 or not all(0 <= b < 1 for b in config.train.betas):
         raise ConfigError(f"'train.betas' must be two numbers in [0, 1); got {config.train.betas}")
     if config.eval.prefix_reuse_gib is not None and config.eval.prefix_reuse_gib < 0:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from locft_dist.edits.encode import causal_inputs
 from locft_dist.logits import final_hidden, head_logits, target_positions
 
 MAX_LOGITS = 2**26
@@ -33,8 +34,9 @@ MAX_LOGITS = 2**26
 def forward_losses(
     model: nn.Module, batch: Mapping[str, torch.Tensor], *, max_logits: int = MAX_LOGITS
 ) -> torch.Tensor:
-    """Each example's training loss (shape ``[batch]``) from a full forward of ``batch``'s ids."""
-    hidden = final_hidden(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    """Each example's training loss (shape ``[batch]``) from a full forward of ``batch``'s ids (right-padded,
+    as ``collate`` makes them: no attention mask is needed, see ``causal_inputs``)."""
+    hidden = final_hidden(model, **causal_inputs(batch))
     return losses_from_hidden(model, hidden, batch, max_logits=max_logits)
 
 
@@ -47,8 +49,14 @@ def losses_from_hidden(
 ) -> torch.Tensor:
     """Each example's training loss from the final hidden states ``[batch, tokens, hidden]``."""
     labels = batch["labels"]
-    rows, cols = target_positions(labels)
-    targets = labels[rows, cols + 1]
+    num_examples = labels.shape[0]
+    if "target_rows" in batch:  # listed by collate on the host: nothing here waits on the device
+        rows, cols, targets = batch["target_rows"], batch["target_cols"], batch["target_ids"]
+        counts = batch["target_counts"]
+    else:
+        rows, cols = target_positions(labels)
+        targets = labels[rows, cols + 1]
+        counts = torch.bincount(rows, minlength=num_examples)
     picked = hidden[rows, cols]
     soft = None
     if "is_soft" in batch:
@@ -72,11 +80,9 @@ def losses_from_hidden(
             else:
                 parts.append(_token_losses(*args))
         token_losses = torch.cat(parts)
-    num_examples = labels.shape[0]
     sums = torch.zeros(num_examples, dtype=token_losses.dtype, device=token_losses.device)
     sums = sums.index_add(0, rows, token_losses)
-    counts = torch.bincount(rows, minlength=num_examples).clamp_min(1).to(sums.dtype)
-    losses = sums / counts
+    losses = sums / counts.clamp_min(1).to(sums.dtype)
     if "weights" in batch:
         losses = losses * batch["weights"].to(losses.device)
     return losses
@@ -93,9 +99,7 @@ def _token_losses(
     ce = F.cross_entropy(logits, targets, reduction="none")
     if soft is None:
         return ce
-    soft_ids, soft_probs, is_soft = soft
-    if not bool(is_soft.any()):
-        return ce
+    soft_ids, soft_probs, is_soft = soft  # rows that are not soft take ce below (no device-side test)
     log_q = torch.log_softmax(logits, dim=-1).gather(-1, soft_ids)
     kl = (soft_probs * (torch.log(soft_probs.clamp_min(1e-12)) - log_q)).sum(-1)
     return torch.where(is_soft, kl, ce)

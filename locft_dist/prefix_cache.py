@@ -37,7 +37,7 @@ from torch import nn
 
 from locft_dist.batching import length_sorted_chunks
 from locft_dist.config import TrainConfig
-from locft_dist.edits.encode import EncodedExample, collate
+from locft_dist.edits.encode import EncodedExample, causal_inputs, collate, to_device
 from locft_dist.locate import find_decoder_layers, layer_of_parameter
 from locft_dist.logits import final_hidden, without_head
 from locft_dist.losses import losses_from_hidden
@@ -232,7 +232,7 @@ class PrefixCache:
         )
         try:
             with only_layers(model, self.layers_path, 0, self.first_layer), without_head(model):
-                model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+                model(**causal_inputs(inputs), use_cache=False)
         finally:
             handle.remove()
         return captured[-1].detach()
@@ -254,7 +254,7 @@ class PrefixCache:
             return False
         for position in range(num_chunks):
             chunk = chunks[min(position, len(chunks) - 1)]
-            inputs = {k: v.to(self.device) for k, v in collate([examples[i] for i in chunk], pad_id).items()}
+            inputs = to_device(collate([examples[i] for i in chunk], pad_id), self.device)
             hidden = self._prefix_hidden(model, inputs)
             if position < len(chunks):
                 for row, index in enumerate(chunk):
@@ -278,8 +278,8 @@ class PrefixCache:
         """The partial path reproduces the full forward's final hidden states on a few edits (run the full
         one first, so that FSDP2 initializes with the whole module tree). The output layer is a fixed map
         of these, so equal hidden states mean equal logits."""
-        inputs = {k: v.to(self.device) for k, v in collate(batch, pad_id).items()}
-        full = final_hidden(model, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        inputs = to_device(collate(batch, pad_id), self.device)
+        full = final_hidden(model, **causal_inputs(inputs))
         partial = self._suffix_hidden(model, self._prefix_hidden(model, inputs), inputs)
         _reshard(model)
         real = inputs["attention_mask"].bool()
@@ -302,9 +302,10 @@ class PrefixCache:
     def _suffix_hidden(
         self, model: nn.Module, hidden: torch.Tensor, inputs: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        """Final hidden states from the cached input of layer ``first_layer`` (the embedding is not run)."""
+        """Final hidden states from the cached input of layer ``first_layer`` (the embedding is not run;
+        right-padded rows need no attention mask, see ``causal_inputs``)."""
         with only_layers(model, self.layers_path, self.first_layer, self.num_layers):
-            return final_hidden(model, inputs_embeds=hidden, attention_mask=inputs["attention_mask"])
+            return final_hidden(model, inputs_embeds=hidden)
 
     def _batch_hidden(self, indices: Sequence[int], width: int) -> torch.Tensor:
         rows = [self.rows.get(i) for i in indices]
@@ -319,7 +320,7 @@ class PrefixCache:
         self, model: nn.Module, indices: Sequence[int], examples: Sequence[EncodedExample], pad_id: int
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Each owned example's training loss, as the full forward gives it, from layer ``first_layer`` on."""
-        inputs = {k: v.to(self.device) for k, v in collate([examples[i] for i in indices], pad_id).items()}
+        inputs = to_device(collate([examples[i] for i in indices], pad_id), self.device)
         hidden = self._batch_hidden(indices, inputs["input_ids"].shape[1])
         return losses_from_hidden(model, self._suffix_hidden(model, hidden, inputs), inputs), inputs
 

@@ -11,6 +11,7 @@ threshold or a step budget runs out, then the next edit; earlier edits are never
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -23,8 +24,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from locft_dist.batching import default_pass_cost, rank_chunks
+from locft_dist.compile import compiled_layers
 from locft_dist.config import TrainConfig
-from locft_dist.edits.encode import EncodedExample, collate
+from locft_dist.edits.encode import EncodedExample, collate, to_device
 from locft_dist.losses import forward_losses
 from locft_dist.optim import build_optimizer, lr_at
 from locft_dist.parallel.base import Strategy
@@ -91,6 +93,45 @@ class TrainProgress:
 StepHook = Callable[[int, BreadthFirstSampler, TrainProgress], None]
 
 
+class _LossRead:
+    """A step's reduced ``[loss sum, tokens]``, copied to the host without waiting: on a GPU the copy is
+    queued behind the step's backward, and reading it later waits for that step only, not for work queued
+    after it."""
+
+    def __init__(self, sums: torch.Tensor) -> None:
+        self._event = None
+        if sums.device.type == "cuda":
+            host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
+            host.copy_(sums, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            sums = host
+        self._sums = sums
+        self._values: list[float] | None = None
+
+    def values(self) -> list[float]:
+        if self._values is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._values = self._sums.tolist()
+        return self._values
+
+
+@dataclass
+class _StepEnd:
+    """A finished optimizer step whose bookkeeping may wait until the next step's passes are queued."""
+
+    step: int
+    epoch: int
+    batch_edits: int
+    lr: float
+    loss: _LossRead
+    stats: EpochStats
+    skipped: bool = False
+    sampler: BreadthFirstSampler | None = None
+    """A copy of the sampler as it stood after this step (set when the bookkeeping is deferred)."""
+
+
 def _should_stop_early(cfg: TrainConfig, progress: TrainProgress) -> bool:
     return bool(progress.epoch_losses) and (
         cfg.early_stop_loss is not None and progress.epoch_losses[-1] < cfg.early_stop_loss
@@ -140,85 +181,102 @@ def train_breadth_first(
         disable=not (cfg.progress and strategy.is_main),
         dynamic_ncols=True,
     )
-    while sampler.epoch < cfg.epochs and not _should_stop_early(cfg, progress):
-        epoch = sampler.epoch
-        epoch_start = time.perf_counter()
-        stats = EpochStats(epoch, 0.0, 0, 0, 0, 0.0)
-        for batch in sampler.epoch_batches():
-            strategy.zero_grad(optimizer)
-            batch_sums = torch.zeros(2, dtype=torch.float64, device=strategy.device)  # [loss, tokens]
-            chunks = rank_chunks(
-                batch.indices,
-                strategy.rank,
-                strategy.world_size,
-                cfg.micro_batch_size,
-                lengths,
-                modulo_owner=fixed_ownership,
-                max_tokens=cfg.micro_batch_tokens,
-                pass_cost=pass_cost,
-            )
-            for chunk, weight in chunks:
-                if cache is not None:  # layers below the first trainable one were run once, before training
-                    per_edit, inputs = cache.losses(model, chunk, examples, pad_id)
-                else:
-                    inputs = {
-                        k: v.to(strategy.device)
-                        for k, v in collate([examples[i] for i in chunk], pad_id).items()
-                    }
-                    per_edit = forward_losses(model, inputs)  # CE or KL at target positions, x weight
-                per_edit = per_edit * weight
-                strategy.backward(per_edit.sum() / len(batch.indices))
-                batch_sums[0] += per_edit.detach().double().sum()
-                real_tokens = sum(lengths[i] for i in chunk)  # from the host: no wait on the device here
-                batch_sums[1] += real_tokens * weight
-                stats.num_tokens += real_tokens * int(weight)
-                stats.num_padded_tokens += inputs["attention_mask"].numel()
-            batch_loss_sum, batch_tokens = strategy.all_reduce_sum(batch_sums).cpu().tolist()
-            mean_loss = batch_loss_sum / len(batch.indices)
-            progress.partial_loss_sum += batch_loss_sum
-            skipped = cfg.skip_loss_below is not None and mean_loss < cfg.skip_loss_below
-            lr = lr_at(step, cfg, total_steps)
-            if skipped:
-                stats.num_skipped_steps += 1
-            else:
-                strategy.optimizer_step(optimizer, lr, cfg.max_grad_norm)
-            step += 1
-            stats.num_steps += 1
-            result.num_edit_passes += len(batch.indices)
-            progress.num_edit_passes += len(batch.indices)
-            progress.seconds = seconds_before + time.perf_counter() - start
-            if stats.num_steps == 1:
-                strategy.check_optimizer(model, optimizer)
-            if sampler.consumed % sampler.num_edits == 0:  # the epoch is complete
-                progress.epoch_losses.append(progress.partial_loss_sum / sampler.num_edits)
-                progress.partial_loss_sum = 0.0
-            run_log.event(
-                "step",
-                step=step,
-                epoch=epoch,
-                loss=mean_loss,
-                lr=lr,
-                skipped=skipped,
-                batch_edits=len(batch.indices),
-                tokens=int(batch_tokens),
-            )
-            edits_per_second = result.num_edit_passes / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.4f}", edits_s=f"{edits_per_second:.1f}")
-            bar.update(1)
-            if on_step_end is not None:
-                on_step_end(step, sampler, progress)
-        stats.mean_loss = progress.epoch_losses[-1]
-        stats.seconds = time.perf_counter() - epoch_start
-        result.epochs.append(stats)
-        run_log.event("epoch", **stats.__dict__)
-        (logger.debug if not bar.disable else logger.info)(  # the bar already shows it
-            "epoch %d: mean loss %.4f over %d steps (%d skipped), %.1fs",
-            epoch,
-            stats.mean_loss,
-            stats.num_steps,
-            stats.num_skipped_steps,
-            stats.seconds,
+
+    def finish(done: _StepEnd) -> None:
+        """A step's bookkeeping once its loss is read: progress, log, progress bar, the caller's hook."""
+        batch_loss_sum, batch_tokens = done.loss.values()
+        mean_loss = batch_loss_sum / done.batch_edits
+        stats = done.stats
+        progress.partial_loss_sum += batch_loss_sum
+        stats.num_skipped_steps += int(done.skipped)
+        stats.num_steps += 1
+        result.num_edit_passes += done.batch_edits
+        progress.num_edit_passes += done.batch_edits
+        progress.seconds = seconds_before + time.perf_counter() - start
+        if stats.num_steps == 1:
+            strategy.check_optimizer(model, optimizer)
+        step_sampler = done.sampler or sampler
+        if step_sampler.consumed % step_sampler.num_edits == 0:  # the epoch is complete
+            progress.epoch_losses.append(progress.partial_loss_sum / step_sampler.num_edits)
+            progress.partial_loss_sum = 0.0
+        run_log.event(
+            "step",
+            step=done.step,
+            epoch=done.epoch,
+            loss=mean_loss,
+            lr=done.lr,
+            skipped=done.skipped,
+            batch_edits=done.batch_edits,
+            tokens=int(batch_tokens),
         )
+        edits_per_second = result.num_edit_passes / max(time.perf_counter() - start, 1e-9)
+        bar.set_postfix(epoch=done.epoch, loss=f"{mean_loss:.4f}", edits_s=f"{edits_per_second:.1f}")
+        bar.update(1)
+        if on_step_end is not None:
+            on_step_end(done.step, step_sampler, progress)
+
+    with compiled_layers(model, cfg.compile):  # the layers training runs, fused (train.compile)
+        while sampler.epoch < cfg.epochs and not _should_stop_early(cfg, progress):
+            epoch = sampler.epoch
+            epoch_start = time.perf_counter()
+            stats = EpochStats(epoch, 0.0, 0, 0, 0, 0.0)
+            pending: _StepEnd | None = None
+            for batch in sampler.epoch_batches():
+                strategy.zero_grad(optimizer)
+                batch_sums = torch.zeros(2, dtype=torch.float64, device=strategy.device)  # [loss, tokens]
+                chunks = rank_chunks(
+                    batch.indices,
+                    strategy.rank,
+                    strategy.world_size,
+                    cfg.micro_batch_size,
+                    lengths,
+                    modulo_owner=fixed_ownership,
+                    max_tokens=cfg.micro_batch_tokens,
+                    pass_cost=pass_cost,
+                )
+                for chunk, weight in chunks:
+                    if cache is not None:  # layers below the first trainable one ran once, before training
+                        per_edit, inputs = cache.losses(model, chunk, examples, pad_id)
+                    else:
+                        inputs = to_device(collate([examples[i] for i in chunk], pad_id), strategy.device)
+                        per_edit = forward_losses(model, inputs)  # CE or KL at target positions, x weight
+                    per_edit = per_edit * weight
+                    strategy.backward(per_edit.sum() / len(batch.indices))
+                    batch_sums[0] += per_edit.detach().double().sum()
+                    real_tokens = sum(lengths[i] for i in chunk)  # from the host: no wait on the device here
+                    batch_sums[1] += real_tokens * weight
+                    stats.num_tokens += real_tokens * int(weight)
+                    stats.num_padded_tokens += inputs["attention_mask"].numel()
+                if pending is not None:  # the previous step's bookkeeping, while this step runs on the device
+                    finish(pending)
+                    pending = None
+                reduced = strategy.all_reduce_sum(batch_sums)
+                epoch_ends = sampler.consumed % sampler.num_edits == 0
+                lr = lr_at(step, cfg, total_steps)
+                stepped = _StepEnd(step + 1, epoch, len(batch.indices), lr, _LossRead(reduced), stats)
+                if cfg.skip_loss_below is not None:  # only this rule makes the optimizer wait for the loss
+                    stepped.skipped = stepped.loss.values()[0] / len(batch.indices) < cfg.skip_loss_below
+                if not stepped.skipped:
+                    strategy.optimizer_step(optimizer, lr, cfg.max_grad_norm)
+                step += 1
+                # the epoch's mean loss decides what comes next: settle it now
+                if epoch_ends or not strategy.defers_step_bookkeeping:
+                    finish(stepped)
+                else:
+                    stepped.sampler = copy.copy(sampler)  # as it stands after this step, for the hook
+                    pending = stepped
+            stats.mean_loss = progress.epoch_losses[-1]
+            stats.seconds = time.perf_counter() - epoch_start
+            result.epochs.append(stats)
+            run_log.event("epoch", **stats.__dict__)
+            (logger.debug if not bar.disable else logger.info)(  # the bar already shows it
+                "epoch %d: mean loss %.4f over %d steps (%d skipped), %.1fs",
+                epoch,
+                stats.mean_loss,
+                stats.num_steps,
+                stats.num_skipped_steps,
+                stats.seconds,
+            )
     if _should_stop_early(cfg, progress) and sampler.epoch < cfg.epochs:
         result.stopped_early = True
         logger.info(

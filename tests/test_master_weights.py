@@ -90,3 +90,56 @@ def test_small_updates_land_in_the_master_and_match_an_fp32_run(runs):
     cosine = torch.nn.functional.cosine_similarity(moved.flatten(), want.flatten(), dim=0)
     assert cosine > 0.95
     assert abs(moved.norm() / want.norm() - 1) < 0.05
+
+
+def _cast_for_matmul_run(model_dir, tokenizer):
+    """The GPU recipe (``cast_for_matmul``: the linear layer's matmul in bf16 from a cast of its fp32
+    master), run on CPU: the same code path at small size."""
+    from locft_dist.locate import freeze_all_but, resolve_location
+    from locft_dist.model import load_model
+    from locft_dist.parallel.master_weights import keep_fp32_master
+
+    model = load_model(model_dir, dtype="bfloat16")
+    names = resolve_location(model, [-1], ["mlp.down_proj"]).parameter_names
+    freeze_all_but(model, names)
+    assert keep_fp32_master(model, model_dir, cast_for_matmul=True) == ["model.layers.2.mlp.down_proj"]
+    strategy = SingleProcess("cpu")
+    cfg = TrainConfig(lr=LR, batch_size=len(SENTENCES), epochs=STEPS, early_stop_loss=None, progress=False)
+    optimizer = strategy.build_optimizer(model, cfg)
+    base = read_base_tensors(str(model_dir), names)
+    examples = _examples(tokenizer)
+    train_breadth_first(model, examples, strategy, cfg, tokenizer.eos_token_id, optimizer=optimizer)
+    return optimizer, compute_delta(strategy.gather_trainable(model), base)
+
+
+def test_cast_for_matmul_computes_in_bf16_from_the_fp32_master(tiny_model_dir):
+    from locft_dist.locate import freeze_all_but
+    from locft_dist.model import load_model
+    from locft_dist.parallel.master_weights import keep_fp32_master
+
+    model = load_model(tiny_model_dir, dtype="bfloat16")
+    name = "model.layers.2.mlp.down_proj"
+    freeze_all_but(model, [f"{name}.weight"])
+    keep_fp32_master(model, tiny_model_dir, cast_for_matmul=True)
+    module = model.get_submodule(name)
+    assert module.weight.dtype == torch.float32 and isinstance(module, torch.nn.Linear)
+    x = torch.randn(3, module.in_features, dtype=torch.bfloat16, requires_grad=True)
+    out = module(x)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, torch.nn.functional.linear(x, module.weight.detach().bfloat16()))
+    out.float().square().sum().backward()
+    assert module.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    assert f"{name}.weight" in model.state_dict()  # the swap keeps names and state dict
+
+
+def test_cast_for_matmul_updates_match_an_fp32_run(runs, tiny_model_dir, tiny_tokenizer):
+    optimizer, delta = _cast_for_matmul_run(tiny_model_dir, tiny_tokenizer)
+    states = list(optimizer.state.values())
+    assert states and all(s["exp_avg"].dtype == torch.float32 for s in states)
+    _, _, _, reference, _ = runs["float32"]
+    name = next(iter(reference))
+    moved, want = delta[name], reference[name]
+    assert (moved != 0).float().mean() > 0.99  # small updates still land in the master
+    cosine = torch.nn.functional.cosine_similarity(moved.flatten(), want.flatten(), dim=0)
+    assert cosine > 0.95
+    assert abs(moved.norm() / want.norm() - 1) < 0.05

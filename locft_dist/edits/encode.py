@@ -328,7 +328,13 @@ def collate(examples: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.
     """Right-pad a batch to its own longest sequence; labels are -100 outside the targets.
 
     Right padding keeps position ids equal to the unpadded sequence, so a padded batch computes the same
-    logits at real positions as each example alone.
+    logits at real positions as each example alone; under a causal mask no real position sees the padding
+    either, so training passes need no attention mask (``causal_inputs``).
+
+    The positions that predict a target token are listed here, on the host (``target_rows``,
+    ``target_cols``: row and column of the position, ``target_ids``: the token it must predict,
+    ``target_counts``: targets per row), so the loss never asks the device where its targets are
+    (a ``nonzero`` or ``bincount`` on a GPU waits for everything queued before it).
     """
     if not examples:
         raise ValueError("collate needs at least one example")
@@ -336,18 +342,56 @@ def collate(examples: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    rows: list[int] = []
+    cols: list[int] = []
+    targets: list[int] = []
+    counts: list[int] = []
     for row, example in enumerate(examples):
         ids = torch.tensor(example.input_ids, dtype=torch.long)
         n = len(example.input_ids)
         input_ids[row, :n] = ids
         attention_mask[row, :n] = 1
         labels[row, example.num_prompt_tokens : n] = ids[example.num_prompt_tokens :]
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        first = max(example.num_prompt_tokens, 1)  # position 0 has no position before it to predict it
+        rows.extend([row] * max(n - first, 0))
+        cols.extend(range(first - 1, n - 1))
+        targets.extend(example.input_ids[first:n])
+        counts.append(max(n - first, 0))
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "target_rows": torch.tensor(rows, dtype=torch.long),
+        "target_cols": torch.tensor(cols, dtype=torch.long),
+        "target_ids": torch.tensor(targets, dtype=torch.long),
+        "target_counts": torch.tensor(counts, dtype=torch.long),
+    }
     if any(e.weight != 1.0 for e in examples):
         batch["weights"] = torch.tensor([e.weight for e in examples], dtype=torch.float32)
     if any(e.soft_ids is not None for e in examples):
         batch.update(_collate_soft(examples, width))
     return batch
+
+
+def to_device(batch: Mapping[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """``batch`` on ``device``; to a GPU through pinned memory without waiting: a copy from pageable memory
+    blocks the host until the GPU has drained its queue, which leaves the GPU idle while the host prepares
+    the next kernels."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def causal_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model inputs of a right-padded training batch: ids only, no attention mask.
+
+    Under the causal mask a real position attends to earlier positions only, all real with right padding,
+    so the mask changes nothing the loss reads (the padded positions' outputs are never read). Without it
+    the model builds no ``[batch, 1, tokens, tokens]`` mask, does not inspect the mask on the device (a
+    wait), and SDPA runs its fused causal kernels (flash attention on a GPU).
+    """
+    return {"input_ids": batch["input_ids"]}
 
 
 def _collate_soft(examples: Sequence[EncodedExample], width: int) -> dict[str, torch.Tensor]:

@@ -22,6 +22,8 @@ def make_strategy(cfg: RunConfig) -> Strategy:
     name = cfg.dist.strategy
     if name == "auto":
         name = "none" if world_size == 1 else "fsdp"
+    if cfg.train.compile and name != "none":
+        raise ConfigError(f"train.compile runs in one process; this job has {world_size} ranks ({name})")
     if name == "none":
         if world_size != 1:
             raise ConfigError(f"dist.strategy=none but WORLD_SIZE={world_size}: use fsdp or deepspeed")

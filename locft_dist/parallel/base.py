@@ -20,6 +20,10 @@ class Strategy(Protocol):
     rank: int
     world_size: int
     device: torch.device
+    defers_step_bookkeeping: bool
+    """A step's loss read, log line and checkpoint hook may run after the next step's passes are queued
+    (``trainer.train_breadth_first``): the checkpoint is then saved with the next step's gradients
+    computed but not applied, which FSDP2 and one process ignore."""
 
     @property
     def is_main(self) -> bool:

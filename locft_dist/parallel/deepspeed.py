@@ -118,6 +118,9 @@ class DeepSpeedStrategy(ProcessGroupCollectives):
 
     supports_prefix_cache = True
     """The partial forward runs through the engine, so ZeRO-3's per-module hooks gather what it uses."""
+    defers_step_bookkeeping = False
+    """The engine saves checkpoints at gradient-accumulation boundaries only: a step's checkpoint hook
+    runs before the next step's backward."""
 
     def __init__(self, cfg: RunConfig) -> None:
         import deepspeed

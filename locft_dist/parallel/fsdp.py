@@ -43,6 +43,8 @@ def embedding_units(model: nn.Module) -> list[nn.Module | list[nn.Module]]:
 class FSDPStrategy(ProcessGroupCollectives, TorchOptimizer):
     """FSDP2 over all ranks of the job (one data-parallel dimension)."""
 
+    defers_step_bookkeeping = True
+
     def __init__(self, dist_cfg: DistConfig, device_spec: str = "auto") -> None:
         self.rank, self.world_size, self.device = init_process_group(device_spec, dist_cfg.timeout_minutes)
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))

@@ -6,12 +6,21 @@ bf16 weight round back to the same value, so a bf16 run that steps bf16 weights 
 FSDP keeps float32 parameters and casts them for compute (``MixedPrecisionPolicy``); DeepSpeed keeps
 float32 master partitions. One process does the equivalent with less machinery: the trainable parameters
 themselves become float32, so the optimizer, its state, checkpoints, the delta (fp32 master - base) and
-LoRA adapters built on them are float32 without further code. The modules that own them compute in float32
-(floating inputs cast up, outputs cast back to the model's dtype): the localized matrices are a small part
-of the model's compute, and the rest of the model runs unchanged in its own dtype.
+LoRA adapters built on them are float32 without further code.
 
-Measured on CPU (SmolLM2-135M, one down_proj, see docs/real_models.md): a float32 edited module costs
-a few percent of a training step, against a bf16 copy of the master for the matmul.
+What the modules that own them compute in depends on the device (``cast_for_matmul``):
+
+- On a GPU, in the model's dtype, as FSDP's ``MixedPrecisionPolicy`` does: a linear layer casts its float32
+  master to bf16/fp16 for the matmul, and autograd casts the weight gradient back to float32. A float32
+  matmul runs at a fourteenth of the bf16 rate on an H100 (52 against 720 TFLOP/s measured), so computing
+  Llama-3-8B's ``down_proj`` in float32 would make it cost more than the rest of the layer.
+- On CPU, in float32 (floating inputs cast up, outputs cast back to the model's dtype): CPUs without bf16
+  matrix units compute bf16 matmuls no faster than float32 ones, and the cast would be extra work.
+  Measured on CPU (SmolLM2-135M, one down_proj, see docs/real_models.md): a float32 edited module costs a
+  few percent of a training step.
+
+Modules other than ``nn.Linear`` (norms, a whole layer's other tensors) compute in float32 everywhere:
+they are elementwise work, not matmuls.
 """
 
 from __future__ import annotations
@@ -51,9 +60,25 @@ class _Fp32Compute:
         return _cast(output, self.out_dtype)
 
 
-def keep_fp32_master(model: nn.Module, model_dir: str | Path | None = None) -> list[str]:
-    """Make every trainable parameter float32 and run its module in float32; returns the modules changed.
+class _CastMasterLinear(nn.Linear):
+    """An ``nn.Linear`` whose float32 master weight is cast to ``compute_dtype`` for its matmul (the class
+    of a module is swapped in place, so names, state dicts and hooks stay as they are)."""
 
+    compute_dtype: torch.dtype
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return nn.functional.linear(input.to(dtype), self.weight.to(dtype), bias)
+
+
+def keep_fp32_master(
+    model: nn.Module, model_dir: str | Path | None = None, *, cast_for_matmul: bool = False
+) -> list[str]:
+    """Make every trainable parameter float32; returns the modules changed.
+
+    With ``cast_for_matmul`` (on a GPU) an ``nn.Linear`` owner computes in the parameter's former dtype
+    (the model's) from a cast of its master; other owners, and every owner without it, compute in float32.
     With ``model_dir`` the float32 values are read from the checkpoint on disk, so the master starts at
     the exact base (a bf16 copy would start the delta off by the rounding error). A model already in
     float32, or whose trainable parameters are, is left as it is. Call after choosing what is trainable.
@@ -79,13 +104,19 @@ def keep_fp32_master(model: nn.Module, model_dir: str | Path | None = None) -> l
                     param.data = checkpoint.read(full_name).to(device=param.device, dtype=MASTER_DTYPE)
                 else:
                     param.data = param.data.to(MASTER_DTYPE)
+        if cast_for_matmul and type(module) is nn.Linear:
+            module.__class__ = _CastMasterLinear
+            module.compute_dtype = dtype
+            continue
         hooks = _Fp32Compute(dtype)
         module.register_forward_pre_hook(hooks.before, with_kwargs=True)
         module.register_forward_hook(hooks.after, with_kwargs=True)
     logger.info(
-        "fp32 master weights for %d trainable tensors in %d modules (the model computes in %s)",
+        "fp32 master weights for %d trainable tensors in %d modules (the model computes in %s, the "
+        "trainable linear layers in %s)",
         sum(len(n) for _, _, n in owners.values()),
         len(owners),
         next(iter(owners.values()))[1],
+        "the model's dtype" if cast_for_matmul else "float32",
     )
     return list(owners)

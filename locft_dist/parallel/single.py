@@ -31,6 +31,7 @@ class SingleProcess(TorchOptimizer):
     rank = 0
     world_size = 1
     supports_prefix_offload = True
+    defers_step_bookkeeping = True
     """The model is whole and was loaded from safetensors: the frozen prefix can be freed and reloaded."""
 
     def __init__(self, device: torch.device | str = "auto") -> None:
@@ -47,11 +48,12 @@ class SingleProcess(TorchOptimizer):
         )
         location = resolve_location(model, locate_cfg.layers, locate_cfg.modules)
         freeze_all_but(model, location.parameter_names)
-        keep_fp32_master(model, model_cfg.path)  # exact fp32 base values from the checkpoint
+        # exact fp32 base values from the checkpoint; on a GPU the matmuls run in the model's dtype
+        keep_fp32_master(model, model_cfg.path, cast_for_matmul=self.device.type != "cpu")
         return self.wrap_model(model), location
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
-        keep_fp32_master(model)
+        keep_fp32_master(model, cast_for_matmul=self.device.type != "cpu")
         return model.to(self.device)
 
     def backward(self, loss: torch.Tensor) -> None:

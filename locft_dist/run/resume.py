@@ -96,11 +96,13 @@ def train_resumable(
     memory_logged = False
     last_saved = state.step if latest is not None else None
 
-    def save(step: int) -> Path:
+    def save(step: int, at: BreadthFirstSampler) -> Path:
+        """Checkpoint ``step``; ``at`` is the sampler as it stood after that step (the trainer's hook may
+        run after the next batch was drawn)."""
         nonlocal last_saved, last_save
         state = TrainState(
             step=step,
-            sampler=sampler.state().to_dict(),
+            sampler=at.state().to_dict(),
             epoch_losses=list(progress.epoch_losses),
             world_size=strategy.world_size,
             config=cfg.to_dict(),
@@ -124,7 +126,10 @@ def train_resumable(
             )
             run_log.event("memory", rank=strategy.rank, **memory)
             run_log.event("peak_memory", step=step, **log_memory("after the first step", strategy.device))
-        stop = signals.should_stop(strategy.all_reduce_max, device=strategy.device)
+        # one process agrees with itself: no device tensor, so no wait on the GPU for it
+        stop = signals.should_stop(
+            strategy.all_reduce_max, device=strategy.device if strategy.world_size > 1 else "cpu"
+        )
         epoch_end = sampler.consumed % sampler.num_edits == 0
         if epoch_end:
             label = f"at the end of epoch {sampler.epoch - 1}"
@@ -136,7 +141,7 @@ def train_resumable(
             due = torch.tensor([float(time.monotonic() - last_save >= min_seconds)])
             epoch_save = bool(strategy.all_reduce_max(due).item())
         if stop or (every and step % every == 0) or epoch_save:
-            path = save(step)
+            path = save(step, sampler)
             if stop:
                 run_log.event("stopped", step=step, checkpoint=str(path))
                 logger.warning("stopped: saved %s; %s", path, RESUME_HINT)
@@ -156,7 +161,7 @@ def train_resumable(
             on_step_end=on_step_end,
         )
         if last_saved != result.num_steps:  # the trained weights, for a rerun that only has to export
-            save(result.num_steps)
+            save(result.num_steps, sampler)
     result.seconds = progress.seconds
     result.num_edit_passes = progress.num_edit_passes
     return result
