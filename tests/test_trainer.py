@@ -138,3 +138,54 @@ def test_depth_first_visits_every_edit_with_a_step_budget(tiny_tokenizer):
     )
     assert result.num_edit_passes == 3 * len(examples)
     assert result.num_steps == 3 * len(examples)
+
+
+class _Steps:
+    """A run-log sink that keeps the step events."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def event(self, kind: str, record: dict) -> None:
+        if kind == "step":
+            self.records.append(record)
+
+    def close(self) -> None:
+        return None
+
+
+def _logged_run(tok, train_cfg):
+    from locft_dist.runlog import RunLog
+
+    model, trainable = setup(tok)
+    sink, log = _Steps(), RunLog(None)
+    log.add_sink(sink)
+    seen = []
+
+    def hook(step, sampler, progress) -> None:
+        seen.append((step, sampler.consumed, progress.num_edit_passes, len(progress.epoch_losses)))
+
+    result = train_breadth_first(
+        model, examples_for(tok), SingleProcess("cpu"), train_cfg, 0, run_log=log, on_step_end=hook
+    )
+    return sink.records, seen, result, {n: p.detach().clone() for n, p in trainable}
+
+
+def test_deferred_step_bookkeeping_reports_each_step_as_it_stood(tiny_tokenizer):
+    """Without ``skip_loss_below`` a step's loss is read, logged and handed to the hook after the next
+    step's passes are queued; the hook still sees the sampler and progress as they were after that step,
+    and every logged loss equals the one read at once (``skip_loss_below`` below any loss reads at once)."""
+    deferred = _logged_run(tiny_tokenizer, cfg(epochs=2, batch_size=5))  # 12 edits: steps of 5, 5, 2
+    at_once = _logged_run(tiny_tokenizer, cfg(epochs=2, batch_size=5, skip_loss_below=-1.0))
+    records, seen, result, weights = deferred
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert [(r["step"], r["loss"], r["tokens"]) for r in records] == [
+        (r["step"], r["loss"], r["tokens"]) for r in at_once[0]
+    ]
+    assert seen == at_once[1]
+    consumed = [5, 10, 12, 17, 22, 24]
+    assert [s[1] for s in seen] == consumed and [s[2] for s in seen] == consumed
+    assert [s[3] for s in seen] == [0, 0, 1, 1, 1, 2]  # an epoch's mean loss once its last step is in
+    assert result.epoch_losses == at_once[2].epoch_losses
+    for name, weight in weights.items():
+        assert torch.equal(weight, at_once[3][name]), name
