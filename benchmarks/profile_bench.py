@@ -3,12 +3,14 @@
     python benchmarks/profile_bench.py --device cuda --shape llama3-8b --dtype bfloat16 --layer 22 \\
         --num-edits 1000 --epochs 3 --batch-size 100
 
-Takes ``locft bench``'s options (``--epochs``: the epochs profiled) and ``--rows``. Prints the wall time
-of the profiled epochs (after one unprofiled warm-up epoch that also fills the prefix
-cache), the device's busy time (the sum of its kernels' time; on CPU the operators' own time), and the
-operators that take the most device and host time. Busy time well under the wall time means the loop waits
-on the host (Python, launches, synchronizations), not on the device. On a GPU it also counts the host's
-waits on the device (synchronizations and blocking copies) and lists the source lines that caused them.
+Takes ``locft bench``'s options (``--epochs``: the epochs profiled), ``--rows`` and ``--first-epoch``
+(profile from the start: the prefix-cache fill and the first epochs, where a short GPU bench loses most
+against the FLOP floor). Prints the wall time of the profiled epochs (by default after one unprofiled
+warm-up epoch that also fills the prefix cache), the device's busy time (the sum of its kernels' time; on
+CPU the operators' own time), and the operators that take the most device and host time. Busy time well
+under the wall time means the loop waits on the host (Python, launches, synchronizations), not on the
+device. On a GPU it also counts the host's waits on the device (synchronizations and blocking copies) and
+lists the source lines that caused them.
 """
 
 from __future__ import annotations
@@ -37,10 +39,16 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rows", type=int, default=15, help="operators listed per table")
+    parser.add_argument(
+        "--first-epoch",
+        action="store_true",
+        help="profile from the start instead: the prefix-cache fill and the first epoch (--epochs 1)",
+    )
     own, bench_args = parser.parse_known_args(argv)
     bench = bench_config(build_parser().parse_args(["bench", *bench_args]))
     profiled_epochs = bench.epochs
-    bench.epochs += 1  # one warm-up epoch first
+    if not own.first_epoch:
+        bench.epochs += 1  # one warm-up epoch first
     device = torch.device(bench.device)
     torch.set_grad_enabled(True)
     model = build_model(bench)
@@ -51,17 +59,22 @@ def main(argv: list[str] | None = None) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     state = {"profiler": None, "began": 0.0}
 
+    def start_profiling() -> None:
+        _sync(device)
+        state["profiler"] = profile(activities=activities)
+        state["profiler"].__enter__()
+        if device.type == "cuda":  # each wait on the device becomes a warning naming its source line
+            torch.cuda.set_sync_debug_mode("warn")
+        state["began"] = time.perf_counter()
+
     def on_step_end(step: int, sampler, _progress) -> None:  # the warm-up epoch ends: profile from here on
-        if step == sampler.steps_per_epoch:
-            _sync(device)
-            state["profiler"] = profile(activities=activities)
-            state["profiler"].__enter__()
-            if device.type == "cuda":  # each wait on the device becomes a warning naming its source line
-                torch.cuda.set_sync_debug_mode("warn")
-            state["began"] = time.perf_counter()
+        if step == sampler.steps_per_epoch and state["profiler"] is None:
+            start_profiling()
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        if own.first_epoch:
+            start_profiling()
         train_breadth_first(
             model, examples, SingleProcess(device), copy.copy(train), pad_id=0, on_step_end=on_step_end
         )
