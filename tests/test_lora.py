@@ -66,3 +66,28 @@ def test_edit_job_with_lora_writes_a_low_rank_delta_on_the_base_names(tiny_model
     assert list(delta.tensors) == [NAME]
     assert delta.tensors[NAME].dtype == torch.float32
     assert 0 < torch.linalg.matrix_rank(delta.tensors[NAME]) <= 2
+
+
+def test_lora_over_a_bf16_model_whose_master_is_cast_for_the_matmul(tiny_model_dir, tiny_tokenizer):
+    """The one-GPU bf16 path (fp32 master cast to bf16 for the matmul, then LoRA on that module), run on CPU:
+    LoRA wraps the cast linear layer, trains float32 factors, and the merged delta is the factors' product."""
+    from locft_dist.locate import freeze_all_but
+    from locft_dist.parallel.master_weights import keep_fp32_master
+
+    model = load_model(tiny_model_dir, dtype="bfloat16").eval()
+    freeze_all_but(model, [NAME])
+    keep_fp32_master(model, tiny_model_dir, cast_for_matmul=True)
+    base_weight = dict(model.named_parameters())[NAME].detach().clone()
+    lora = load_config(None, ["lora.rank=2"]).lora
+    model = attach_lora(model, [NAME], lora, seed=0)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    examples = encode_pairs(tiny_tokenizer, [p for p, _ in EDITS], [a for _, a in EDITS])
+    cfg = load_config(None, ["train.lr=1e-2", "train.batch_size=3", "train.epochs=5", "train.progress=false"])
+    pad = pad_token_id(tiny_tokenizer)
+    result = train_breadth_first(model, examples, SingleProcess("cpu"), cfg.train, pad)
+    assert result.epoch_losses[-1] < result.epoch_losses[0]
+    module = model.get_submodule(NAME.removesuffix(".weight"))
+    assert torch.equal(module.get_base_layer().weight, base_weight), "LoRA must not touch the base weight"
+    delta = merged_weights(model, [NAME])[NAME] - base_weight
+    assert delta.abs().max() > 0 and torch.linalg.matrix_rank(delta) <= lora.rank

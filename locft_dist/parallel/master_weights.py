@@ -61,13 +61,15 @@ class _Fp32Compute:
 
 
 class _CastMasterLinear(nn.Linear):
-    """An ``nn.Linear`` whose float32 master weight is cast to ``compute_dtype`` for its matmul (the class
+    """An ``nn.Linear`` whose float32 master weight is cast to ``matmul_dtype`` for its matmul (the class
     of a module is swapped in place, so names, state dicts and hooks stay as they are)."""
 
-    compute_dtype: torch.dtype
+    matmul_dtype: torch.dtype
+    """Not ``compute_dtype``: peft reads that attribute as a quantized layer's and would build LoRA factors
+    in it (bf16 factors, whose small updates round away)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        dtype = self.compute_dtype
+        dtype = self.matmul_dtype
         bias = None if self.bias is None else self.bias.to(dtype)
         return nn.functional.linear(input.to(dtype), self.weight.to(dtype), bias)
 
@@ -106,7 +108,7 @@ def keep_fp32_master(
                     param.data = param.data.to(MASTER_DTYPE)
         if cast_for_matmul and type(module) is nn.Linear:
             module.__class__ = _CastMasterLinear
-            module.compute_dtype = dtype
+            module.matmul_dtype = dtype
             continue
         hooks = _Fp32Compute(dtype)
         module.register_forward_pre_hook(hooks.before, with_kwargs=True)
