@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 from locft_dist.bench import _sync, bench_examples, build_model, train_config
 from locft_dist.cli import bench_config, build_parser
 from locft_dist.locate import freeze_all_but, resolve_location
-from locft_dist.parallel.master_weights import keep_fp32_master
+from locft_dist.parallel.master_weights import casts_for_matmul, keep_fp32_master
 from locft_dist.parallel.single import SingleProcess
 from locft_dist.trainer import train_breadth_first
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_grad_enabled(True)
     model = build_model(bench)
     freeze_all_but(model, resolve_location(model, [bench.layer], bench.modules).parameter_names)
-    keep_fp32_master(model, cast_for_matmul=device.type != "cpu")  # as `locft bench` and `locft edit` do
+    keep_fp32_master(model, cast_for_matmul=casts_for_matmul(device))  # as `locft bench` and `locft edit` do
     examples = bench_examples(bench, model)
     train = train_config(bench)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

@@ -43,7 +43,7 @@ from locft_dist.locate import find_decoder_layers, freeze_all_but, resolve_locat
 from locft_dist.logits import final_hidden, head_logits, target_positions
 from locft_dist.losses import losses_from_hidden
 from locft_dist.model import DTYPES
-from locft_dist.parallel.master_weights import keep_fp32_master
+from locft_dist.parallel.master_weights import casts_for_matmul, keep_fp32_master
 from locft_dist.parallel.memory import peak_host_bytes
 from locft_dist.parallel.single import SingleProcess
 from locft_dist.sampler import BreadthFirstSampler
@@ -301,7 +301,7 @@ def run_bench(bench: BenchConfig) -> dict:
     # As `locft edit` runs one process: fp32 master weights for a bf16/fp16 model, matmuls in the model's
     # dtype on a GPU. Both loops train them, so they stay comparable (a bf16 weight stepped directly
     # rounds most editing updates away).
-    keep_fp32_master(model, cast_for_matmul=device.type != "cpu")
+    keep_fp32_master(model, cast_for_matmul=casts_for_matmul(device))
     examples = bench_examples(bench, model)
     num_tokens = sum(len(e.input_ids) for e in examples)
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -74,6 +74,12 @@ class _CastMasterLinear(nn.Linear):
         return nn.functional.linear(input.to(dtype), self.weight.to(dtype), bias)
 
 
+def casts_for_matmul(device: torch.device | str) -> bool:
+    """Whether the edited linear layers on ``device`` cast their master for the matmul (``cast_for_matmul``):
+    everywhere but on CPU (see the module docstring)."""
+    return torch.device(device).type != "cpu"
+
+
 def keep_fp32_master(
     model: nn.Module, model_dir: str | Path | None = None, *, cast_for_matmul: bool = False
 ) -> list[str]:

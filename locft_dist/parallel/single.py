@@ -15,7 +15,7 @@ from locft_dist.config import LocateConfig, ModelConfig
 from locft_dist.locate import Location, freeze_all_but, resolve_location
 from locft_dist.model import load_model
 from locft_dist.parallel.base import TorchOptimizer
-from locft_dist.parallel.master_weights import keep_fp32_master
+from locft_dist.parallel.master_weights import casts_for_matmul, keep_fp32_master
 
 
 def pick_device(spec: str = "auto") -> torch.device:
@@ -49,11 +49,11 @@ class SingleProcess(TorchOptimizer):
         location = resolve_location(model, locate_cfg.layers, locate_cfg.modules)
         freeze_all_but(model, location.parameter_names)
         # exact fp32 base values from the checkpoint; on a GPU the matmuls run in the model's dtype
-        keep_fp32_master(model, model_cfg.path, cast_for_matmul=self.device.type != "cpu")
+        keep_fp32_master(model, model_cfg.path, cast_for_matmul=casts_for_matmul(self.device))
         return self.wrap_model(model), location
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
-        keep_fp32_master(model, cast_for_matmul=self.device.type != "cpu")
+        keep_fp32_master(model, cast_for_matmul=casts_for_matmul(self.device))
         return model.to(self.device)
 
     def backward(self, loss: torch.Tensor) -> None:
