@@ -210,3 +210,78 @@ def test_null_space_training_leaves_preserved_prompts_alone(tiny_model_dir, tmp_
     moved_projected = float((projected - base).norm())
     moved_free = float((free - base).norm())
     assert moved_projected < 0.5 * moved_free
+
+
+def _subject_embeddings_module():
+    path = ROOT / "studies" / "subject_embeddings.py"
+    spec = importlib.util.spec_from_file_location("subject_embeddings", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_subject_rows_are_the_subjects_tokens_minus_common_ones(tiny_tokenizer):
+    module = _subject_embeddings_module()
+    from locft_dist.edits.schema import EditRequest
+
+    prompt = "The home city of Mira Quell is"
+    ids = module.subject_token_ids(tiny_tokenizer, prompt, "Mira Quell")
+    encoded = tiny_tokenizer(prompt, return_offsets_mapping=True)
+    start = prompt.find("Mira Quell")
+    spans = zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
+    inside = [t for t, (a, b) in spans if a >= start and b <= start + len("Mira Quell")]
+    assert ids and set(inside) <= set(ids) and len(ids) < len(encoded["input_ids"])
+    assert module.subject_token_ids(tiny_tokenizer, prompt, "Kesso Varn") == []
+
+    requests = [
+        EditRequest(prompt=prompt, target_new="Ostrava", subject="Mira Quell"),
+        EditRequest(prompt="Kesso Varn works as a", target_new="cartographer", subject="Kesso Varn"),
+    ]
+    kesso = module.subject_token_ids(tiny_tokenizer, requests[1].prompt, "Kesso Varn")
+    frequency = {token: 0 for token in ids} | {token: 5 for token in kesso}  # Kesso's tokens are common
+    rows, without = module.choose_rows(tiny_tokenizer, requests, frequency, 1, rarest=False)
+    assert rows == sorted(set(ids) - set(kesso)) and without == 1
+    rows, without = module.choose_rows(tiny_tokenizer, requests, frequency, 1, rarest=True)
+    assert without == 0 and len(set(rows) & set(kesso)) == 1  # the rarest one only
+
+
+def test_subject_row_delta_leaves_prompts_without_those_tokens_exactly_alone(tiny_model_dir):
+    """Training moves the edit prompt's prediction; a prompt without the tuned tokens computes exactly the
+    base model's logits, untied; tied, only the tuned tokens' logits move."""
+    module = _subject_embeddings_module()
+    from locft_dist.edits.encode import encode_pairs, pad_token_id
+    from locft_dist.model import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    edit_prompt, other = "The home city of Mira Quell is", "Dorn Asket plays the"
+    rows = module.subject_token_ids(tokenizer, edit_prompt, "Mira Quell")
+    rows = sorted(set(rows) - set(tokenizer(other)["input_ids"]))
+    examples = encode_pairs(tokenizer, [edit_prompt], ["Ostrava"])
+
+    def logits_after(tied: bool) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+        model = load_model(tiny_model_dir)
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        delta = module.EmbeddingRowDelta(model, rows, tied=tied)
+        losses = module.train(
+            model, examples, delta, epochs=8, batch_size=1, lr=5e-2, pad=pad_token_id(tokenizer)
+        )
+        with torch.no_grad():
+            return (
+                model(**tokenizer(other, return_tensors="pt")).logits,
+                model(**tokenizer(edit_prompt, return_tensors="pt")).logits,
+                losses,
+            )
+
+    base_model = load_model(tiny_model_dir)
+    with torch.no_grad():
+        base_other = base_model(**tokenizer(other, return_tensors="pt")).logits
+        base_edit = base_model(**tokenizer(edit_prompt, return_tensors="pt")).logits
+    untied_other, untied_edit, losses = logits_after(tied=False)
+    assert losses[-1] < losses[0]
+    assert torch.equal(untied_other, base_other)
+    assert not torch.allclose(untied_edit, base_edit)
+    tied_other, _, _ = logits_after(tied=True)
+    moved = (tied_other - base_other).abs().amax(dim=(0, 1))
+    assert moved[rows].max() > 0
+    assert moved[[t for t in range(moved.numel()) if t not in rows]].max() == 0
