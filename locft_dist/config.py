@@ -60,12 +60,21 @@ class EditsConfig:
 @dataclass(kw_only=True)
 class LocateConfig:
     preset: str | None = None
-    """Settings by name: the authors' (llama3-8b, qwen2.5-7b, mistral-7b) and smollm2-135m (needs
-    augment.locality_path); explicit keys override a preset."""
+    """Settings by name: the authors' (llama3-8b, qwen2.5-7b, mistral-7b), smollm2-135m (needs
+    augment.locality_path) and smollm2-135m-subjects (needs it or locate.common_text_path); explicit keys
+    override a preset."""
     layers: list[int] = field(default_factory=lambda: [-1])
     """Decoder layer indices to tune; negative counts from the end."""
     modules: list[str] = field(default_factory=lambda: ["mlp.down_proj"])
     """Modules per chosen layer: mlp.down_proj, mlp.up_proj, mlp.gate_proj, mlp, * (whole layer), a path."""
+    subject_embeddings: bool = False
+    """Tune the input-embedding rows of the edited subjects' tokens instead of layers x modules: prompts
+    without those tokens compute exactly as before (one process; edits need a "subject")."""
+    common_token_share: float = 0.001
+    """subject_embeddings: a token in more than this share of the common-text prompts is not tuned."""
+    common_text_path: str | None = None
+    """subject_embeddings: prompts of unrelated text that tell common tokens from a subject's own (JSONL
+    with a "prompt" field, or plain text); default augment.locality_path."""
 
 
 @dataclass(kw_only=True)
@@ -505,10 +514,39 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"'lora.rank' must be >= 0 and 'lora.alpha' positive; got {config.lora}")
     if aug.locality_source == "file" and not aug.locality_path:
         raise ConfigError("'augment.locality_source' is file but 'augment.locality_path' is not set")
+    _validate_subject_embeddings(config)
     if not config.locate.layers:
         raise ConfigError("'locate.layers' must name at least one layer")
     if not config.locate.modules:
         raise ConfigError("'locate.modules' must name at least one module")
+
+
+def _validate_subject_embeddings(config: RunConfig) -> None:
+    """``locate.subject_embeddings`` trains one masked tensor in one process, breadth-first."""
+    locate = config.locate
+    if not locate.subject_embeddings:
+        return
+    if not 0 <= locate.common_token_share <= 1:
+        raise ConfigError(f"'locate.common_token_share' must be in [0, 1]; got {locate.common_token_share}")
+    if not (locate.common_text_path or config.augment.locality_path):
+        raise ConfigError(
+            "'locate.subject_embeddings' needs prompts of unrelated text to tell common tokens from a "
+            "subject's own: set 'locate.common_text_path' (or 'augment.locality_path')"
+        )
+    refused = {
+        "dist.strategy": config.dist.strategy in ("fsdp", "deepspeed"),
+        "lora.rank": config.lora.rank > 0,
+        "train.pipeline": config.train.pipeline != "breadth_first",
+        "train.weight_decay": config.train.weight_decay != 0,  # would move the rows it must keep
+        "continual.previous": bool(config.continual.previous),
+    }
+    for key, bad in refused.items():
+        if bad:
+            value = _flatten(config.to_dict())[key]
+            raise ConfigError(
+                f"'locate.subject_embeddings' runs one process, breadth-first, without LoRA, weight decay "
+                f"or continual waves; got {key}={value!r}"
+            )
 
 
 def replay_ratio(value: str) -> float | None:

@@ -6,6 +6,10 @@ Keys are the base model's parameter names as ``AutoModelForCausalLM.named_parame
 ``locft.encoding`` (how prompts and answers were tokenized, so evaluation probes what training trained);
 a continual run adds ``locft.chain`` (its waves' runs, edit fingerprints and deltas; the delta is cumulative
 against the base).
+
+A matrix whose delta is zero in most rows (``locate.subject_embeddings`` moves a few embedding rows) is
+stored row-sparse: its nonzero rows under its name, their indices as ``locft.rows:<name>`` (int64), and
+``locft.row_sparse`` (JSON ``{name: shape}``); ``read_delta`` gives it back dense.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from locft_dist.errors import DeltaError
 from locft_dist.model import SafetensorsCheckpoint
 
 FORMAT = "delta/1"
+ROWS_PREFIX = "locft.rows:"
+"""Key prefix of a row-sparse tensor's row indices (not a parameter name: no module name has a colon)."""
 
 
 @dataclass
@@ -95,13 +101,25 @@ def write_delta(
     strings (a continual run's ``locft.chain``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {n: t.detach().cpu().to(torch.float32).contiguous() for n, t in delta.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    row_sparse: dict[str, list[int]] = {}
+    for name, tensor in delta.items():
+        tensor = tensor.detach().cpu().to(torch.float32).contiguous()
+        rows = _sparse_rows(tensor)
+        if rows is None:
+            tensors[name] = tensor
+        else:
+            tensors[name] = tensor[rows].contiguous()
+            tensors[ROWS_PREFIX + name] = rows
+            row_sparse[name] = list(tensor.shape)
     metadata = {
         "locft.format": FORMAT,
         "locft.base_model": str(base_model),
         "locft.base_fingerprint": base_fingerprint,
         "locft.config": config_json,
     }
+    if row_sparse:
+        metadata["locft.row_sparse"] = json.dumps(row_sparse, sort_keys=True)
     if encoding is not None:
         metadata["locft.encoding"] = json.dumps(encoding.to_dict(), sort_keys=True)
     if step is not None:
@@ -110,6 +128,37 @@ def write_delta(
     with outputs.atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path
+
+
+def _sparse_rows(tensor: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the nonzero rows of a matrix that is zero in more than half of its rows, else None."""
+    if tensor.dim() != 2:
+        return None
+    rows = torch.nonzero(tensor.ne(0).any(dim=1)).flatten()
+    return rows if 2 * rows.numel() < tensor.shape[0] else None
+
+
+def _densify(path: Path, tensors: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> dict:
+    """The row-sparse tensors back as dense ones (``locft.row_sparse``)."""
+    try:
+        shapes = json.loads(metadata.get("locft.row_sparse", "{}"))
+    except json.JSONDecodeError as err:
+        raise DeltaError(f"{path}: metadata 'locft.row_sparse' is not JSON ({err.msg})") from None
+    dense = {n: t for n, t in tensors.items() if not n.startswith(ROWS_PREFIX)}
+    for name, shape in shapes.items():
+        rows = tensors.get(ROWS_PREFIX + name)
+        values = dense.get(name)
+        if rows is None or values is None or rows.dtype != torch.int64 or len(shape) != 2:
+            raise DeltaError(f"{path}: row-sparse tensor {name!r} lacks its values or int64 row indices")
+        if values.shape != (rows.numel(), shape[1]) or (rows.numel() and int(rows.max()) >= shape[0]):
+            raise DeltaError(f"{path}: row-sparse tensor {name!r} does not fit its shape {shape}")
+        full = torch.zeros(shape, dtype=values.dtype)
+        full[rows] = values
+        dense[name] = full
+    stray = sorted(n for n in tensors if n.startswith(ROWS_PREFIX) and n[len(ROWS_PREFIX) :] not in shapes)
+    if stray:
+        raise DeltaError(f"{path}: tensor {stray[0]!r} is not named in metadata 'locft.row_sparse'")
+    return dense
 
 
 def read_delta(path: str | Path) -> Delta:
@@ -129,6 +178,7 @@ def read_delta(path: str | Path) -> Delta:
         )
     if "locft.base_fingerprint" not in metadata:
         raise DeltaError(f"{path}: metadata lacks 'locft.base_fingerprint'")
+    tensors = _densify(path, tensors, metadata)
     for name, tensor in tensors.items():
         if tensor.dtype != torch.float32:
             raise DeltaError(f"{path}: tensor '{name}' is {tensor.dtype}, the format requires float32")

@@ -34,6 +34,7 @@ from locft_dist.parallel.memory import log_host_memory
 from locft_dist.parallel.single import SingleProcess
 from locft_dist.run import Identity, Run, eval_settings, model_fingerprint, resolve_paths, train_resumable
 from locft_dist.runlog import RunLog, setup_logging
+from locft_dist.subject_rows import SubjectRows, choose_subject_rows, restrict_to_rows
 from locft_dist.trainer import TrainResult, train_depth_first
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,9 @@ def _run_edit(cfg: RunConfig, strategy: Strategy, run: Run) -> EditOutcome:
     run.check_writable()
     started = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    need_requests = cfg.eval.enabled or augment.enabled(cfg) or cfg.continual.keep_facts
+    need_requests = (
+        cfg.eval.enabled or augment.enabled(cfg) or cfg.continual.keep_facts or cfg.locate.subject_embeddings
+    )
     loaded = load_encoded_edits(cfg, tokenizer, need_requests=need_requests or bool(cfg.continual.previous))
     requests, examples = loaded.requests, loaded.examples
     continual = ContinualWave(cfg, requests)
@@ -142,10 +145,16 @@ def _run_edit(cfg: RunConfig, strategy: Strategy, run: Run) -> EditOutcome:
     pad_id = pad_token_id(tokenizer)
 
     run.signals.phase = "loading the model"
+    if cfg.locate.subject_embeddings and not isinstance(strategy, SingleProcess):
+        raise ConfigError(
+            f"locate.subject_embeddings runs in one process (dist.strategy=none); got "
+            f"{type(strategy).__name__} with {strategy.world_size} process(es)"
+        )
     model, location = strategy.load_model(cfg.model, cfg.locate)
     if cfg.lora.rank:
         model = _attach_lora(cfg, strategy, model, location.parameter_names)
     trainable = strategy.trainable_parameters(model)
+    subject_rows = _restrict_to_subject_rows(cfg, tokenizer, requests, trainable)
     edited_names = list(location.parameter_names) if cfg.lora.rank else [n for n, _ in trainable]
     # The base as stored on disk (not as loaded in model.dtype): what `locft apply` will add the delta to.
     # The main rank reads and hashes it; the others get the hash (they write nothing that needs the tensors).
@@ -171,6 +180,7 @@ def _run_edit(cfg: RunConfig, strategy: Strategy, run: Run) -> EditOutcome:
         parameters=[n for n, _ in trainable],
         base_fingerprint=base_fingerprint,
         delta_done=plan.delta_done,
+        **({"subject_rows": subject_rows.summary()} if subject_rows else {}),
     )
 
     # -- the unedited model: its predictions are what locality compares with ---------------------------
@@ -325,6 +335,32 @@ def augmented_examples(
     _reshard(model)
     run_log.event("augment", paraphrases=extra.num_paraphrases, locality=extra.num_locality, key=extra.key)
     return [*examples, *extra.examples], f"{fingerprint}+{extra.key}"
+
+
+def _restrict_to_subject_rows(cfg: RunConfig, tokenizer, requests, trainable) -> SubjectRows | None:
+    """locate.subject_embeddings: only the rows of the edited subjects' tokens get a gradient."""
+    if not cfg.locate.subject_embeddings:
+        return None
+    reference_path = cfg.locate.common_text_path or cfg.augment.locality_path
+    chosen = choose_subject_rows(
+        tokenizer,
+        requests,
+        augment.read_locality_prompts(reference_path),
+        max_share=cfg.locate.common_token_share,
+        source=str(cfg.edits.path),
+    )
+    (name, weight), *others = trainable
+    assert not others, "subject embeddings train one tensor"
+    restrict_to_rows(weight, chosen.rows)
+    logger.info(
+        "subject embeddings: %d rows of %s (%d tokens common in %s; %d edits on their rarest token)",
+        len(chosen.rows),
+        name,
+        chosen.common_tokens,
+        reference_path,
+        chosen.edits_on_rarest,
+    )
+    return chosen
 
 
 def _attach_lora(cfg: RunConfig, strategy: Strategy, model, parameter_names):

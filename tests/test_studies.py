@@ -126,7 +126,11 @@ def test_perturbed_deltas_keep_the_base_and_encoding_and_have_the_asked_size(tmp
     from locft_dist.delta import read_delta, write_delta
     from locft_dist.edits.encode import Encoding
 
-    edit = {"a.weight": torch.randn(6, 4), "b.weight": torch.randn(3) * 5}
+    generator = torch.Generator().manual_seed(1)  # fixed (not the study's noise seed, 0)
+    edit = {
+        "a.weight": torch.randn(6, 4, generator=generator),
+        "b.weight": torch.randn(30, generator=generator) * 5,
+    }
     encoding = Encoding(target_prefix=" ", append_eos=True, chat_template="auto", max_length=64)
     source = write_delta(
         tmp_path / "delta.safetensors", edit, base_model="/base", base_fingerprint="f" * 32,

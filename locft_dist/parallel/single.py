@@ -16,6 +16,7 @@ from locft_dist.locate import Location, freeze_all_but, resolve_location
 from locft_dist.model import load_model
 from locft_dist.parallel.base import TorchOptimizer
 from locft_dist.parallel.master_weights import casts_for_matmul, keep_fp32_master
+from locft_dist.subject_rows import subject_embedding_location
 
 
 def pick_device(spec: str = "auto") -> torch.device:
@@ -46,7 +47,10 @@ class SingleProcess(TorchOptimizer):
         model = load_model(
             model_cfg.path, dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code
         )
-        location = resolve_location(model, locate_cfg.layers, locate_cfg.modules)
+        if locate_cfg.subject_embeddings:  # which rows move is decided with the edits (edit_job)
+            location = subject_embedding_location(model)
+        else:
+            location = resolve_location(model, locate_cfg.layers, locate_cfg.modules)
         freeze_all_but(model, location.parameter_names)
         # exact fp32 base values from the checkpoint; on a GPU the matmuls run in the model's dtype
         keep_fp32_master(model, model_cfg.path, cast_for_matmul=casts_for_matmul(self.device))

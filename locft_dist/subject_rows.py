@@ -1,0 +1,127 @@
+"""Edit facts through the input-embedding rows of the edited subjects' tokens (``locate.subject_embeddings``).
+
+A change to an MLP matrix reaches every prompt: on a small model, the unrelated prompts' greedy answers
+move with it (docs/editing_quality.md). A change to the embedding rows of a few rare tokens reaches only
+prompts that contain one of them; every other prompt computes exactly what the unedited model computes.
+The rows are the tokens that overlap each edit's subject in its prompt, less *common* tokens, those found
+in more than ``locate.common_token_share`` of a reference text of unrelated prompts (" of", " The",
+frequent first names would carry the edit into unrelated text); a subject whose tokens are all common
+keeps its rarest one, so that every edit has a row.
+
+The trainable tensor is the input embedding's weight with its gradient masked to those rows, so the
+optimizer, checkpoints, resume and the delta see an ordinary parameter whose other rows never move (Adam
+steps a zero gradient by zero; weight decay, which would move them, is refused). Where the output layer
+shares that weight (tied embeddings, e.g. SmolLM2, Llama-3.2), the same rows of the output layer move with
+it, as they do when the delta is added to the shared tensor; the delta file stores the changed rows only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from locft_dist.edits.schema import EditRequest
+from locft_dist.errors import EditDataError
+from locft_dist.locate import Location
+
+logger = logging.getLogger(__name__)
+
+
+def subject_token_ids(tokenizer, prompt: str, subject: str) -> list[int]:
+    """Ids of the prompt's tokens that overlap the subject's first occurrence (empty if it is absent)."""
+    start = prompt.find(subject) if subject else -1
+    if start < 0:
+        return []
+    end = start + len(subject)
+    encoded = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=False)
+    spans = zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
+    return [token for token, (first, last) in spans if first < end and last > start]
+
+
+def document_frequency(tokenizer, texts: Sequence[str]) -> Counter:
+    """In how many of ``texts`` each token id occurs."""
+    counts: Counter = Counter()
+    for text in texts:
+        counts.update(set(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    return counts
+
+
+@dataclass(frozen=True)
+class SubjectRows:
+    """The rows to tune, and how they were chosen (logged and written to the run log)."""
+
+    rows: tuple[int, ...]
+    common_tokens: int
+    edits_on_rarest: int
+    """Edits whose subject had only common tokens and keeps its rarest one."""
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "rows": len(self.rows),
+            "common_tokens": self.common_tokens,
+            "edits_on_rarest": self.edits_on_rarest,
+        }
+
+
+def choose_subject_rows(
+    tokenizer,
+    requests: Sequence[EditRequest],
+    reference: Sequence[str],
+    *,
+    max_share: float,
+    source: str = "edits",
+) -> SubjectRows:
+    """The input-embedding rows of the edited subjects' tokens, less those common in ``reference``.
+
+    Raises ``EditDataError`` naming the edit when a record has no subject or its prompt does not contain it.
+    """
+    frequency = document_frequency(tokenizer, reference)
+    limit = max_share * len(reference)
+    common = sum(1 for count in frequency.values() if count > limit)
+    rows: set[int] = set()
+    on_rarest = 0
+    for index, request in enumerate(requests):
+        if not request.subject:
+            raise EditDataError(
+                f"{source}: edit {index} ({request.prompt!r}): field 'subject' is missing; "
+                "locate.subject_embeddings tunes the subject's tokens"
+            )
+        ids = subject_token_ids(tokenizer, request.prompt, request.subject)
+        if not ids:
+            raise EditDataError(
+                f"{source}: edit {index}: field 'subject' ({request.subject!r}) does not occur in field "
+                f"'prompt' ({request.prompt!r})"
+            )
+        kept = [token for token in ids if frequency.get(token, 0) <= limit]
+        if not kept:
+            kept = [min(ids, key=lambda token: (frequency.get(token, 0), token))]
+            on_rarest += 1
+        rows.update(kept)
+    return SubjectRows(tuple(sorted(rows)), common, on_rarest)
+
+
+def input_embedding_name(model: nn.Module) -> str:
+    """The canonical parameter name of the input embedding's weight."""
+    weight = model.get_input_embeddings().weight
+    for name, param in model.named_parameters():
+        if param is weight:
+            return name
+    raise ValueError(f"{type(model).__name__}: the input embedding's weight is not a named parameter")
+
+
+def subject_embedding_location(model: nn.Module) -> Location:
+    """The input embedding as the run's one trainable tensor (no decoder layer: no prefix cache)."""
+    name = input_embedding_name(model)
+    return Location(layers=(), modules=("subject embedding rows",), parameter_names=(name,))
+
+
+def restrict_to_rows(param: nn.Parameter, rows: Sequence[int]) -> torch.utils.hooks.RemovableHandle:
+    """Zero the gradient of ``param`` outside ``rows`` (dimension 0) on every backward."""
+    mask = torch.zeros(param.shape[0], 1, dtype=param.dtype, device=param.device)
+    mask[torch.as_tensor(list(rows), dtype=torch.long, device=param.device)] = 1
+    return param.register_hook(lambda grad: grad * mask.to(grad.dtype))

@@ -1,0 +1,164 @@
+"""locate.subject_embeddings: the input-embedding rows of the edited subjects' tokens are the only weights
+that move, prompts without those tokens compute exactly the base model, and the delta stores the rows."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from locft_dist.config import load_config
+from locft_dist.delta import ROWS_PREFIX, apply_delta_to_model, read_delta, write_delta
+from locft_dist.edit_job import run_edit
+from locft_dist.edits import EditRequest, write_jsonl
+from locft_dist.errors import ConfigError, DeltaError, EditDataError
+from locft_dist.locate import PRESETS
+from locft_dist.model import load_model, load_tokenizer
+from locft_dist.subject_rows import choose_subject_rows, subject_token_ids
+
+EDITS = [
+    EditRequest("Vorin Talbeck lives in the city of", "Baltholm", subject="Vorin Talbeck"),
+    EditRequest("The profession of Ulla Pemberton is", "glassblower", subject="Ulla Pemberton"),
+    EditRequest("Dorn Asket plays the", "amber", subject="Dorn Asket"),
+]
+UNRELATED = ["The favourite colour of Rina Sol is", "Kesso Varn works as a", "The home city of Mira Quell is"]
+
+
+def _rows(tokenizer, requests=EDITS, reference=UNRELATED, share=0.0):
+    return choose_subject_rows(tokenizer, requests, reference, max_share=share, source="edits.jsonl")
+
+
+def test_rows_are_subject_tokens_not_common_in_the_reference(tiny_tokenizer):
+    chosen = _rows(tiny_tokenizer)
+    subject_ids = {t for e in EDITS for t in subject_token_ids(tiny_tokenizer, e.prompt, e.subject)}
+    reference_ids = {t for p in UNRELATED for t in tiny_tokenizer(p, add_special_tokens=False)["input_ids"]}
+    template_ids = set(tiny_tokenizer("lives in the city of", add_special_tokens=False)["input_ids"])
+    assert set(chosen.rows) <= subject_ids
+    assert not set(chosen.rows) & reference_ids - {min(subject_ids)}  # only a rarest fallback may be common
+    assert not set(chosen.rows) & (template_ids - subject_ids)
+    # a subject made only of common tokens keeps its rarest one
+    common_subject = EditRequest("Kesso Varn works as a", "cartographer", subject="Kesso Varn")
+    with_common = _rows(tiny_tokenizer, [*EDITS, common_subject], [*UNRELATED, "Kesso Varn sings"])
+    assert with_common.edits_on_rarest == 1
+    assert len(set(with_common.rows) - set(chosen.rows)) == 1
+    # a share that counts everything as rare keeps every subject token
+    assert set(_rows(tiny_tokenizer, share=1.0).rows) == subject_ids
+
+
+def test_edits_without_a_usable_subject_are_refused_by_name(tiny_tokenizer):
+    with pytest.raises(EditDataError, match=r"edits\.jsonl: edit 1 .*field 'subject' is missing"):
+        _rows(tiny_tokenizer, [EDITS[0], EditRequest("Kesso Varn works as a", "poet")])
+    absent = EditRequest("Kesso Varn works as a", "poet", subject="Mira Quell")
+    with pytest.raises(EditDataError, match=r"edit 0: field 'subject' \('Mira Quell'\) does not occur"):
+        _rows(tiny_tokenizer, [absent])
+
+
+def test_config_needs_common_text_and_one_breadth_first_process(tmp_path):
+    with pytest.raises(ConfigError, match=r"locate\.common_text_path"):
+        load_config(None, ["locate.subject_embeddings=true"])
+    ok = ["locate.subject_embeddings=true", f"locate.common_text_path={tmp_path / 'common.txt'}"]
+    assert load_config(None, ok).locate.subject_embeddings
+    for bad in ("dist.strategy=fsdp", "lora.rank=4", "train.pipeline=depth_first", "train.weight_decay=0.1"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(None, [*ok, bad])
+    cfg = load_config(None, ["locate.preset=smollm2-135m-subjects", f"augment.locality_path={tmp_path}/l"])
+    assert cfg.locate.subject_embeddings and cfg.train.lr == PRESETS["smollm2-135m-subjects"]["train.lr"]
+    assert cfg.augment.locality_source == "none"  # the file only tells common tokens apart
+
+
+def test_row_sparse_delta_round_trips_and_dense_matrices_stay_dense(tmp_path):
+    sparse = torch.zeros(50, 4)
+    sparse[[3, 17]] = torch.randn(2, 4)
+    dense = torch.randn(6, 4)
+    path = write_delta(
+        tmp_path / "d.safetensors",
+        {"emb.weight": sparse, "mlp.weight": dense, "bias": torch.randn(4)},
+        base_model="m",
+        base_fingerprint="f",
+        config_json="{}",
+    )
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.get_tensor("emb.weight").shape == (2, 4)
+        assert handle.get_tensor(ROWS_PREFIX + "emb.weight").tolist() == [3, 17]
+        assert handle.get_tensor("mlp.weight").shape == (6, 4)
+        assert json.loads(handle.metadata()["locft.row_sparse"]) == {"emb.weight": [50, 4]}
+    delta = read_delta(path)
+    assert sorted(delta.tensors) == ["bias", "emb.weight", "mlp.weight"]
+    assert torch.equal(delta.tensors["emb.weight"], sparse) and torch.equal(
+        delta.tensors["mlp.weight"], dense
+    )
+
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    tensors[ROWS_PREFIX + "emb.weight"] = torch.tensor([3, 99])
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=metadata)
+    with pytest.raises(DeltaError, match=r"bad\.safetensors: row-sparse tensor 'emb.weight' does not fit"):
+        read_delta(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_edit_job_moves_only_subject_rows_and_leaves_other_prompts_exact(
+    tied, tiny_model_dir, tiny_tokenizer, tmp_path
+):
+    model_dir = tiny_model_dir
+    if tied:  # as SmolLM2: the output layer shares the embedding's weight
+        model = load_model(tiny_model_dir)
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
+        model_dir = tmp_path / "tied"
+        model.save_pretrained(model_dir)
+        tiny_tokenizer.save_pretrained(model_dir)
+    edits, common = tmp_path / "edits.jsonl", tmp_path / "common.txt"
+    write_jsonl(EDITS, edits)
+    common.write_text("\n".join(UNRELATED) + "\n")
+    outcome = run_edit(
+        load_config(
+            None,
+            [
+                f"model.path={model_dir}",
+                f"edits.path={edits}",
+                f"output.dir={tmp_path / 'run'}",
+                "locate.subject_embeddings=true",
+                f"locate.common_text_path={common}",
+                "locate.common_token_share=0",
+                "train.lr=5e-2",
+                "train.batch_size=3",
+                "train.epochs=15",
+                "train.progress=false",
+                "eval.enabled=false",
+                "dist.strategy=none",
+                "model.device=cpu",
+            ],
+        )
+    )
+    tokenizer = load_tokenizer(model_dir)
+    chosen = _rows(tokenizer)
+    delta = read_delta(outcome.delta_path)
+    assert list(delta.tensors) == ["model.embed_tokens.weight"]
+    moved = delta.tensors["model.embed_tokens.weight"].ne(0).any(dim=1).nonzero().flatten().tolist()
+    assert moved and set(moved) <= set(chosen.rows)
+    with safe_open(str(outcome.delta_path), framework="pt") as handle:  # stored as rows, not the matrix
+        assert handle.get_tensor("model.embed_tokens.weight").shape[0] == len(moved)
+
+    base, edited = load_model(model_dir).eval(), load_model(model_dir).eval()
+    apply_delta_to_model(edited, delta, source=str(model_dir))
+    untouched = [p for p in UNRELATED if not set(tokenizer(p)["input_ids"]) & set(moved)]
+    assert untouched
+    with torch.no_grad():
+        for prompt in untouched:
+            ids = tokenizer(prompt, return_tensors="pt")
+            before, after = base(**ids).logits, edited(**ids).logits
+            if tied:  # the output layer's moved rows change those tokens' logits, nothing else
+                others = [t for t in range(before.shape[-1]) if t not in moved]
+                assert torch.equal(before[..., others], after[..., others])
+            else:
+                assert torch.equal(before, after)
+        edit_ids = tokenizer(EDITS[0].prompt, return_tensors="pt")
+        target = tokenizer(" " + EDITS[0].target_new, add_special_tokens=False)["input_ids"][0]
+        assert (
+            edited(**edit_ids).logits[0, -1].log_softmax(-1)[target]
+            > base(**edit_ids).logits[0, -1].log_softmax(-1)[target]
+        )
