@@ -162,3 +162,38 @@ def test_edit_job_moves_only_subject_rows_and_leaves_other_prompts_exact(
             edited(**edit_ids).logits[0, -1].log_softmax(-1)[target]
             > base(**edit_ids).logits[0, -1].log_softmax(-1)[target]
         )
+
+
+def test_a_subject_row_run_killed_mid_way_resumes_bitwise(world_model, tmp_path):
+    """SIGKILL at a random checkpointed step, rerun: the masked embedding and its Adam state come back, the
+    gradient mask is set again, and the delta is the uninterrupted run's to the bit."""
+    import random
+
+    from tests.test_distributed import delta, edit_args, kill9, run, start, wait_for_step
+
+    edits, common = tmp_path / "edits.jsonl", tmp_path / "common.txt"
+    requests = world_model.world.make_edits(12, seed=3)
+    write_jsonl(requests, edits)
+    common.write_text("\n".join(p.prompt for r in requests for p in r.locality_prompts) + "\n")
+    args = [
+        *edit_args(world_model.model_dir, edits, batch_size=4, epochs=4),
+        "locate.subject_embeddings=true",
+        f"locate.common_text_path={common}",
+        "eval.enabled=false",
+    ]
+    run(1, tmp_path / "reference", args)
+    kill_at = random.Random().randint(2, 8)  # 3 steps an epoch, 12 in all, each checkpointed
+    proc = start(1, tmp_path / "killed", args)
+    wait_for_step(tmp_path / "killed", kill_at, proc)
+    kill9(proc)
+    run(1, tmp_path / "killed", args)
+    log = (tmp_path / "killed" / "log.jsonl").read_text()
+    assert '"event": "resume"' in log
+    expected, resumed = delta(tmp_path / "reference"), delta(tmp_path / "killed")
+    assert (
+        sorted(expected)
+        == sorted(resumed)
+        == ["locft.rows:model.embed_tokens.weight", "model.embed_tokens.weight"]
+    )
+    for name, tensor in expected.items():
+        assert torch.equal(resumed[name], tensor), f"{name} differs after a kill at step {kill_at}"
