@@ -197,3 +197,36 @@ def test_a_subject_row_run_killed_mid_way_resumes_bitwise(world_model, tmp_path)
     )
     for name, tensor in expected.items():
         assert torch.equal(resumed[name], tensor), f"{name} differs after a kill at step {kill_at}"
+
+
+def test_a_bfloat16_tied_model_trains_float32_rows_and_moves_only_them(tiny_model_dir, tmp_path):
+    """bf16 weights keep a float32 master of the embedding (shared with the output layer when tied)."""
+    model = load_model(tiny_model_dir)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path / "tied")
+    load_tokenizer(tiny_model_dir).save_pretrained(tmp_path / "tied")
+    edits, common = tmp_path / "edits.jsonl", tmp_path / "common.txt"
+    write_jsonl(EDITS, edits)
+    common.write_text("\n".join(UNRELATED) + "\n")
+    overrides = [
+        f"model.path={tmp_path / 'tied'}",
+        f"edits.path={edits}",
+        f"output.dir={tmp_path / 'run'}",
+        "model.dtype=bfloat16",
+        "locate.subject_embeddings=true",
+        f"locate.common_text_path={common}",
+        "locate.common_token_share=0",
+        "train.lr=5e-2",
+        "train.batch_size=3",
+        "train.epochs=5",
+        "train.progress=false",
+        "dist.strategy=none",
+        "model.device=cpu",
+    ]
+    outcome = run_edit(load_config(None, overrides))
+    moved = read_delta(outcome.delta_path).tensors["model.embed_tokens.weight"].ne(0).any(dim=1)
+    assert int(moved.sum()) > 0 and set(moved.nonzero().flatten().tolist()) <= set(
+        _rows(load_tokenizer(tmp_path / "tied")).rows
+    )
+    assert outcome.metrics is not None and outcome.metrics.reliability_tf is not None  # evaluated too
