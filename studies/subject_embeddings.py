@@ -40,28 +40,7 @@ from locft_dist.eval.evaluate import EvalSettings, Evaluator
 from locft_dist.losses import forward_losses
 from locft_dist.model import load_model, load_tokenizer
 from locft_dist.outputs import write_json
-
-
-def subject_token_ids(tokenizer, prompt: str, subject: str) -> list[int]:
-    """Ids of the prompt's tokens that overlap the subject's first occurrence (empty if it is absent)."""
-    start = prompt.find(subject)
-    if not subject or start < 0:
-        return []
-    end = start + len(subject)
-    encoded = tokenizer(prompt, return_offsets_mapping=True)
-    return [
-        token
-        for token, (first, last) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
-        if first < end and last > start
-    ]
-
-
-def document_frequency(tokenizer, texts: Sequence[str]) -> Counter:
-    """In how many of ``texts`` each token id occurs."""
-    counts: Counter = Counter()
-    for text in texts:
-        counts.update(set(tokenizer(text)["input_ids"]))
-    return counts
+from locft_dist.subject_rows import document_frequency, subject_token_ids
 
 
 def choose_rows(
