@@ -34,7 +34,7 @@ from locft_dist.parallel.memory import log_host_memory
 from locft_dist.parallel.single import SingleProcess
 from locft_dist.run import Identity, Run, eval_settings, model_fingerprint, resolve_paths, train_resumable
 from locft_dist.runlog import RunLog, setup_logging
-from locft_dist.subject_rows import SubjectRows, choose_subject_rows, restrict_to_rows
+from locft_dist.subject_rows import SubjectRows, choose_subject_rows, restrict_to_rows, tied_to_output
 from locft_dist.trainer import TrainResult, train_depth_first
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def _run_edit(cfg: RunConfig, strategy: Strategy, run: Run) -> EditOutcome:
     if cfg.lora.rank:
         model = _attach_lora(cfg, strategy, model, location.parameter_names)
     trainable = strategy.trainable_parameters(model)
-    subject_rows = _restrict_to_subject_rows(cfg, tokenizer, requests, trainable)
+    subject_rows = _restrict_to_subject_rows(cfg, model, tokenizer, requests, trainable)
     edited_names = list(location.parameter_names) if cfg.lora.rank else [n for n, _ in trainable]
     # The base as stored on disk (not as loaded in model.dtype): what `locft apply` will add the delta to.
     # The main rank reads and hashes it; the others get the hash (they write nothing that needs the tensors).
@@ -337,7 +337,7 @@ def augmented_examples(
     return [*examples, *extra.examples], f"{fingerprint}+{extra.key}"
 
 
-def _restrict_to_subject_rows(cfg: RunConfig, tokenizer, requests, trainable) -> SubjectRows | None:
+def _restrict_to_subject_rows(cfg: RunConfig, model, tokenizer, requests, trainable) -> SubjectRows | None:
     """locate.subject_embeddings: only the rows of the edited subjects' tokens get a gradient."""
     if not cfg.locate.subject_embeddings:
         return None
@@ -352,6 +352,12 @@ def _restrict_to_subject_rows(cfg: RunConfig, tokenizer, requests, trainable) ->
     (name, weight), *others = trainable
     assert not others, "subject embeddings train one tensor"
     restrict_to_rows(weight, chosen.rows)
+    if tied_to_output(model):
+        logger.warning(
+            "%s is tied to the output layer: the tuned rows also move those tokens' logits in every prompt, "
+            "so unrelated prompts are not kept exactly (docs/editing_quality.md measures the cost)",
+            name,
+        )
     logger.info(
         "subject embeddings: %d rows of %s (%d tokens common in %s; %d edits on their rarest token)",
         len(chosen.rows),

@@ -69,23 +69,6 @@ facts, which the user provides as ``augment.locality_path``, and two pseudo-para
 unedited model's own text before the prompt: generalization 0.31 -> 0.52 on 100 edits)."""
 
 
-PRESETS["smollm2-135m-subjects"] = {
-    "locate.subject_embeddings": True,
-    "locate.common_token_share": 0.001,
-    "train.lr": 3e-2,
-    "train.batch_size": 20,
-    "train.epochs": 25,
-    "train.optimizer": "adam",
-    "train.early_stop_loss": 0.01,
-    "augment.paraphrases": 2,
-    "augment.paraphrase_tokens": 10,
-}
-"""SmolLM2-135M(-Instruct), keeping unrelated prompts exactly: the input-embedding rows of the edited
-subjects' rare tokens (common ones told apart by the user's ``locate.common_text_path`` or
-``augment.locality_path``), two pseudo-paraphrases per edit; no locality supervision, since a prompt
-without those tokens computes exactly as before (docs/editing_quality.md)."""
-
-
 @dataclass(frozen=True)
 class DecoderLayout:
     """Where the decoder blocks live: parameters of layer ``i`` are named ``f"{layers_path}.{i}.…"``."""

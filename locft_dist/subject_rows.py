@@ -12,7 +12,9 @@ The trainable tensor is the input embedding's weight with its gradient masked to
 optimizer, checkpoints, resume and the delta see an ordinary parameter whose other rows never move (Adam
 steps a zero gradient by zero; weight decay, which would move them, is refused). Where the output layer
 shares that weight (tied embeddings, e.g. SmolLM2, Llama-3.2), the same rows of the output layer move with
-it, as they do when the delta is added to the shared tensor; the delta file stores the changed rows only.
+it, as they do when the delta is added to the shared tensor: those tokens' logits then change in every
+prompt, and unrelated prompts are no longer kept exactly (the run warns; docs/editing_quality.md measures
+it). The delta file stores the changed rows only.
 """
 
 from __future__ import annotations
@@ -118,6 +120,12 @@ def subject_embedding_location(model: nn.Module) -> Location:
     """The input embedding as the run's one trainable tensor (no decoder layer: no prefix cache)."""
     name = input_embedding_name(model)
     return Location(layers=(), modules=("subject embedding rows",), parameter_names=(name,))
+
+
+def tied_to_output(model: nn.Module) -> bool:
+    """Whether the output layer computes with the input embedding's weight (tied embeddings)."""
+    output = model.get_output_embeddings()
+    return output is not None and output.weight is model.get_input_embeddings().weight
 
 
 def restrict_to_rows(param: nn.Parameter, rows: Sequence[int]) -> torch.utils.hooks.RemovableHandle:

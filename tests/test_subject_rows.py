@@ -12,9 +12,8 @@ from locft_dist.delta import ROWS_PREFIX, apply_delta_to_model, read_delta, writ
 from locft_dist.edit_job import run_edit
 from locft_dist.edits import EditRequest, write_jsonl
 from locft_dist.errors import ConfigError, DeltaError, EditDataError
-from locft_dist.locate import PRESETS
 from locft_dist.model import load_model, load_tokenizer
-from locft_dist.subject_rows import choose_subject_rows, subject_token_ids
+from locft_dist.subject_rows import choose_subject_rows, subject_token_ids, tied_to_output
 
 EDITS = [
     EditRequest("Vorin Talbeck lives in the city of", "Baltholm", subject="Vorin Talbeck"),
@@ -61,9 +60,6 @@ def test_config_needs_common_text_and_one_breadth_first_process(tmp_path):
     for bad in ("dist.strategy=fsdp", "lora.rank=4", "train.pipeline=depth_first", "train.weight_decay=0.1"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             load_config(None, [*ok, bad])
-    cfg = load_config(None, ["locate.preset=smollm2-135m-subjects", f"augment.locality_path={tmp_path}/l"])
-    assert cfg.locate.subject_embeddings and cfg.train.lr == PRESETS["smollm2-135m-subjects"]["train.lr"]
-    assert cfg.augment.locality_source == "none"  # the file only tells common tokens apart
 
 
 def test_row_sparse_delta_round_trips_and_dense_matrices_stay_dense(tmp_path):
@@ -134,6 +130,7 @@ def test_edit_job_moves_only_subject_rows_and_leaves_other_prompts_exact(
             ],
         )
     )
+    assert tied_to_output(load_model(model_dir)) == tied  # what makes the run warn
     tokenizer = load_tokenizer(model_dir)
     chosen = _rows(tokenizer)
     delta = read_delta(outcome.delta_path)
