@@ -9,7 +9,9 @@ against the base).
 
 A matrix whose delta is zero in most rows (``locate.subject_embeddings`` moves a few embedding rows) is
 stored row-sparse: its nonzero rows under its name, their indices as ``locft.rows:<name>`` (int64), and
-``locft.row_sparse`` (JSON ``{name: shape}``); ``read_delta`` gives it back dense.
+``locft.row_sparse`` (JSON ``{name: shape}``); ``read_delta`` gives it back dense. Such a run on a model
+whose output layer shares the input embedding untied them (``locft.untied_output``, JSON
+``{"input": name, "output": name}``): applying the delta gives the output layer the base weight as its own.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from locft_dist import outputs
 from locft_dist.edits.encode import Encoding
 from locft_dist.errors import DeltaError
 from locft_dist.model import SafetensorsCheckpoint
+from locft_dist.subject_rows import untie_for_delta, untied_output
 
 FORMAT = "delta/1"
 ROWS_PREFIX = "locft.rows:"
@@ -211,7 +214,9 @@ def check_base(delta: Delta, base: Mapping[str, torch.Tensor], source: str) -> N
 def apply_delta_to_model(
     model: nn.Module, delta: Delta, *, source: str = "model", check: bool = True
 ) -> None:
-    """Add the delta to a loaded model's parameters in place (in float32, cast back to each param's dtype)."""
+    """Add the delta to a loaded model's parameters in place (in float32, cast back to each param's dtype);
+    untie the output layer first where the delta was made so."""
+    untie_for_delta(model, delta.metadata)
     params = dict(model.named_parameters())
     if check:
         check_base(delta, params, source)
@@ -252,6 +257,8 @@ def apply_delta_to_dir(model_dir: str | Path, delta_path: str | Path, out_dir: s
 
     Only the shards that contain edited tensors are loaded and rewritten, one at a time; the output is
     assembled in a temp directory and renamed into place. ``locft_applied.json`` records the base and delta.
+    A delta made on an untied output layer (``locft.untied_output``) writes the base input embedding as the
+    output layer's weight beside the edited one, and ``tie_word_embeddings: false`` in config.json.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.exists():
@@ -265,6 +272,9 @@ def apply_delta_to_dir(model_dir: str | Path, delta_path: str | Path, out_dir: s
         key = checkpoint.key_for(name)
         assert key is not None, "checked by read_base_tensors"
         by_shard.setdefault(checkpoint.files[key], {})[key] = name
+    untie = _output_layer_to_write(checkpoint, delta, str(model_dir))
+    if untie is not None:
+        by_shard.setdefault(untie[1], {})
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = outputs.make_temp_dir(out_dir.parent, prefix=f".{out_dir.name}-")
     try:
@@ -283,13 +293,46 @@ def apply_delta_to_dir(model_dir: str | Path, delta_path: str | Path, out_dir: s
             with safe_open(str(model_dir / shard), framework="pt") as handle:
                 shard_meta = handle.metadata()
             tensors = load_file(str(model_dir / shard))
+            if untie is not None and shard == untie[1]:  # the base value, before the delta is added
+                tensors[untie[0]] = tensors[untie[2]].clone()
             for key, name in keys.items():
                 base = tensors[key]
                 tensors[key] = (base.float() + delta.tensors[name]).to(base.dtype).contiguous()
             with outputs.atomic_path(tmp / shard) as part:  # safetensors alone would create it 0600
                 save_file(tensors, str(part), metadata=shard_meta)
+        if untie is not None:
+            _write_untied_config(model_dir, tmp, output_key=untie[0], shard=untie[1])
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _output_layer_to_write(
+    checkpoint: SafetensorsCheckpoint, delta: Delta, source: str
+) -> tuple[str, str, str] | None:
+    """(output key, its shard, input key) when the delta was made on an untied output layer that this
+    checkpoint does not store (it is tied); None otherwise."""
+    record = untied_output(delta.metadata)
+    if record is None or checkpoint.key_for(record["output"]) is not None:
+        return None
+    input_key = checkpoint.key_for(record["input"])
+    if input_key is None:
+        raise DeltaError(f"{source} has no tensor for {record['input']!r} (metadata 'locft.untied_output')")
+    return record["output"], checkpoint.files[input_key], input_key
+
+
+def _write_untied_config(model_dir: Path, out_dir: Path, *, output_key: str, shard: str) -> None:
+    """config.json with ``tie_word_embeddings: false`` (a nested text config too), and the shard index,
+    if any, naming the output layer's new tensor."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    config["tie_word_embeddings"] = False
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"]["tie_word_embeddings"] = False
+    outputs.write_json(out_dir / "config.json", config, indent=2)
+    index_path = model_dir / "model.safetensors.index.json"
+    if index_path.is_file():
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        index["weight_map"][output_key] = shard
+        outputs.write_json(out_dir / index_path.name, index, indent=2)

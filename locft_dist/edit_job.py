@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,12 @@ from locft_dist.parallel.memory import log_host_memory
 from locft_dist.parallel.single import SingleProcess
 from locft_dist.run import Identity, Run, eval_settings, model_fingerprint, resolve_paths, train_resumable
 from locft_dist.runlog import RunLog, setup_logging
-from locft_dist.subject_rows import SubjectRows, choose_subject_rows, restrict_to_rows, tied_to_output
+from locft_dist.subject_rows import (
+    SubjectRows,
+    choose_subject_rows,
+    restrict_to_rows,
+    untie_output_layer,
+)
 from locft_dist.trainer import TrainResult, train_depth_first
 
 logger = logging.getLogger(__name__)
@@ -271,7 +276,10 @@ def _run_edit(cfg: RunConfig, strategy: Strategy, run: Run) -> EditOutcome:
                 base_fingerprint=base_fingerprint,
                 config_json=cfg.to_json(),
                 encoding=Encoding.from_config(cfg.edits),
-                extra_metadata=continual.delta_metadata(loaded.fingerprint),
+                extra_metadata={
+                    **continual.delta_metadata(loaded.fingerprint),
+                    **(subject_rows.delta_metadata() if subject_rows else {}),
+                },
             )
             continual.write_chain(loaded.fingerprint, delta_path, base_fingerprint)
             logger.info("wrote %s", delta_path)
@@ -338,7 +346,8 @@ def augmented_examples(
 
 
 def _restrict_to_subject_rows(cfg: RunConfig, model, tokenizer, requests, trainable) -> SubjectRows | None:
-    """locate.subject_embeddings: only the rows of the edited subjects' tokens get a gradient."""
+    """locate.subject_embeddings: only the rows of the edited subjects' tokens get a gradient; a tied output
+    layer is untied first (it keeps the base weight)."""
     if not cfg.locate.subject_embeddings:
         return None
     reference_path = cfg.locate.common_text_path or cfg.augment.locality_path
@@ -352,12 +361,9 @@ def _restrict_to_subject_rows(cfg: RunConfig, model, tokenizer, requests, traina
     (name, weight), *others = trainable
     assert not others, "subject embeddings train one tensor"
     restrict_to_rows(weight, chosen.rows)
-    if tied_to_output(model):
-        logger.warning(
-            "%s is tied to the output layer: the tuned rows also move those tokens' logits in every prompt, "
-            "so unrelated prompts are not kept exactly (docs/editing_quality.md measures the cost)",
-            name,
-        )
+    untied = untie_output_layer(model)
+    if untied is not None:
+        chosen = replace(chosen, untied_output=untied)
     logger.info(
         "subject embeddings: %d rows of %s (%d tokens common in %s; %d edits on their rarest token)",
         len(chosen.rows),

@@ -11,18 +11,20 @@ keeps its rarest one, so that every edit has a row.
 The trainable tensor is the input embedding's weight with its gradient masked to those rows, so the
 optimizer, checkpoints, resume and the delta see an ordinary parameter whose other rows never move (Adam
 steps a zero gradient by zero; weight decay, which would move them, is refused). Where the output layer
-shares that weight (tied embeddings, e.g. SmolLM2, Llama-3.2), the same rows of the output layer move with
-it, as they do when the delta is added to the shared tensor: those tokens' logits then change in every
-prompt, and unrelated prompts are no longer kept exactly (the run warns; docs/editing_quality.md measures
-it). The delta file stores the changed rows only.
+shares that weight (tied embeddings, e.g. SmolLM2, Llama-3.2), the run unties it first: the output layer
+keeps a frozen copy of the base weight, since moving those tokens' output logits in every prompt undoes the
+point (docs/editing_quality.md measures it). The delta then records the untied output layer
+(``locft.untied_output``) and whoever applies it unties too. The delta file stores the changed rows only.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,6 +34,10 @@ from locft_dist.errors import EditDataError
 from locft_dist.locate import Location
 
 logger = logging.getLogger(__name__)
+
+UNTIED_OUTPUT = "locft.untied_output"
+"""Delta metadata (JSON ``{"input": name, "output": name}``): the run gave the output layer its own copy of
+the input embedding's base weight, so the delta's embedding rows must not move the output logits."""
 
 
 def subject_token_ids(tokenizer, prompt: str, subject: str) -> list[int]:
@@ -61,13 +67,20 @@ class SubjectRows:
     common_tokens: int
     edits_on_rarest: int
     """Edits whose subject had only common tokens and keeps its rarest one."""
+    untied_output: dict[str, str] | None = None
+    """Set when the run untied a tied output layer (``untie_output_layer``)."""
 
-    def summary(self) -> dict[str, int]:
+    def summary(self) -> dict[str, Any]:
         return {
             "rows": len(self.rows),
             "common_tokens": self.common_tokens,
             "edits_on_rarest": self.edits_on_rarest,
+            "untied_output": self.untied_output,
         }
+
+    def delta_metadata(self) -> dict[str, str]:
+        """What the delta must say for whoever applies it (the untied output layer, if any)."""
+        return untied_output_metadata(self.untied_output)
 
 
 def choose_subject_rows(
@@ -126,6 +139,47 @@ def tied_to_output(model: nn.Module) -> bool:
     """Whether the output layer computes with the input embedding's weight (tied embeddings)."""
     output = model.get_output_embeddings()
     return output is not None and output.weight is model.get_input_embeddings().weight
+
+
+def _output_weight_name(model: nn.Module) -> str:
+    output = model.get_output_embeddings()
+    for name, module in model.named_modules(remove_duplicate=False):
+        if module is output:
+            return f"{name}.weight"
+    raise ValueError(f"{type(model).__name__}: the output layer is not a named module")
+
+
+def untie_output_layer(model: nn.Module) -> dict[str, str] | None:
+    """Give a tied output layer a frozen copy of the shared weight (same values, dtype and device), so that
+    training the input embedding leaves every output logit as it was; the delta metadata that says so (None
+    when the model is not tied)."""
+    if not tied_to_output(model):
+        return None
+    names = {"input": input_embedding_name(model), "output": _output_weight_name(model)}
+    output = model.get_output_embeddings()
+    output.weight = nn.Parameter(output.weight.detach().clone(), requires_grad=False)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False  # save_pretrained and a later tie_weights() keep them apart
+    logger.info("untied %s from %s: the output layer keeps the base weight", names["output"], names["input"])
+    return names
+
+
+def untied_output_metadata(untied: dict[str, str] | None) -> dict[str, str]:
+    """The delta metadata entry for an untied output layer (none when the model was not tied)."""
+    return {UNTIED_OUTPUT: json.dumps(untied, sort_keys=True)} if untied else {}
+
+
+def untied_output(metadata: dict[str, str]) -> dict[str, str] | None:
+    """The ``locft.untied_output`` record of a delta's metadata, or None."""
+    value = metadata.get(UNTIED_OUTPUT)
+    return json.loads(value) if value else None
+
+
+def untie_for_delta(model: nn.Module, metadata: dict[str, str]) -> None:
+    """Before adding a delta made on an untied output layer: untie the model the same way."""
+    record = untied_output(metadata)
+    if record is not None and tied_to_output(model):
+        untie_output_layer(model)
 
 
 def restrict_to_rows(param: nn.Parameter, rows: Sequence[int]) -> torch.utils.hooks.RemovableHandle:

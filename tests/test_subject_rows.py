@@ -13,7 +13,7 @@ from locft_dist.edit_job import run_edit
 from locft_dist.edits import EditRequest, write_jsonl
 from locft_dist.errors import ConfigError, DeltaError, EditDataError
 from locft_dist.model import load_model, load_tokenizer
-from locft_dist.subject_rows import choose_subject_rows, subject_token_ids, tied_to_output
+from locft_dist.subject_rows import choose_subject_rows, subject_token_ids, tied_to_output, untied_output
 
 EDITS = [
     EditRequest("Vorin Talbeck lives in the city of", "Baltholm", subject="Vorin Talbeck"),
@@ -130,11 +130,13 @@ def test_edit_job_moves_only_subject_rows_and_leaves_other_prompts_exact(
             ],
         )
     )
-    assert tied_to_output(load_model(model_dir)) == tied  # what makes the run warn
+    assert tied_to_output(load_model(model_dir)) == tied
     tokenizer = load_tokenizer(model_dir)
     chosen = _rows(tokenizer)
     delta = read_delta(outcome.delta_path)
     assert list(delta.tensors) == ["model.embed_tokens.weight"]
+    untied = {"input": "model.embed_tokens.weight", "output": "lm_head.weight"}
+    assert untied_output(delta.metadata) == (untied if tied else None)
     moved = delta.tensors["model.embed_tokens.weight"].ne(0).any(dim=1).nonzero().flatten().tolist()
     assert moved and set(moved) <= set(chosen.rows)
     with safe_open(str(outcome.delta_path), framework="pt") as handle:  # stored as rows, not the matrix
@@ -142,17 +144,13 @@ def test_edit_job_moves_only_subject_rows_and_leaves_other_prompts_exact(
 
     base, edited = load_model(model_dir).eval(), load_model(model_dir).eval()
     apply_delta_to_model(edited, delta, source=str(model_dir))
+    assert not tied_to_output(edited)  # a tied model is untied as the run was: the output layer kept the base
     untouched = [p for p in UNRELATED if not set(tokenizer(p)["input_ids"]) & set(moved)]
     assert untouched
     with torch.no_grad():
-        for prompt in untouched:
+        for prompt in untouched:  # every logit of a prompt without a tuned token is the base's, bit for bit
             ids = tokenizer(prompt, return_tensors="pt")
-            before, after = base(**ids).logits, edited(**ids).logits
-            if tied:  # the output layer's moved rows change those tokens' logits, nothing else
-                others = [t for t in range(before.shape[-1]) if t not in moved]
-                assert torch.equal(before[..., others], after[..., others])
-            else:
-                assert torch.equal(before, after)
+            assert torch.equal(base(**ids).logits, edited(**ids).logits)
         edit_ids = tokenizer(EDITS[0].prompt, return_tensors="pt")
         target = tokenizer(" " + EDITS[0].target_new, add_special_tokens=False)["input_ids"][0]
         assert (
@@ -227,3 +225,64 @@ def test_a_bfloat16_tied_model_trains_float32_rows_and_moves_only_them(tiny_mode
         _rows(load_tokenizer(tmp_path / "tied")).rows
     )
     assert outcome.metrics is not None and outcome.metrics.reliability_tf is not None  # evaluated too
+
+
+def test_an_untied_delta_applies_to_a_directory_evaluates_and_exports_as_it_trained(world_model, tmp_path):
+    """`locft apply` writes the output layer's base weight and ``tie_word_embeddings: false``; the written
+    model, `locft eval --delta` and `locft export` all see what the run trained: an untied output layer."""
+    from locft_dist.delta import apply_delta_to_dir
+    from locft_dist.eval.job import run_eval
+    from locft_dist.run.export import export_delta
+
+    model_dir = world_model.model_dir  # tied, as SmolLM2
+    assert tied_to_output(load_model(model_dir))
+    edits, common = tmp_path / "edits.jsonl", tmp_path / "common.txt"
+    requests = world_model.world.make_edits(12, seed=3)
+    write_jsonl(requests, edits)
+    unrelated = [p.prompt for r in requests for p in r.locality_prompts]
+    common.write_text("\n".join(unrelated) + "\n")
+    overrides = [
+        f"model.path={model_dir}",
+        f"edits.path={edits}",
+        f"output.dir={tmp_path / 'run'}",
+        "locate.subject_embeddings=true",
+        f"locate.common_text_path={common}",
+        "locate.common_token_share=0",
+        "train.lr=1e-1",
+        "train.batch_size=4",
+        "train.epochs=10",
+        "train.progress=false",
+        "dist.strategy=none",
+        "model.device=cpu",
+        "eval.generation=false",
+    ]
+    outcome = run_edit(load_config(None, overrides))
+    delta = read_delta(outcome.delta_path)
+
+    in_memory = load_model(model_dir).eval()
+    apply_delta_to_model(in_memory, delta, source=str(model_dir))
+    written = apply_delta_to_dir(model_dir, outcome.delta_path, tmp_path / "edited")
+    assert json.loads((written / "config.json").read_text())["tie_word_embeddings"] is False
+    with safe_open(str(written / "model.safetensors"), framework="pt") as handle:
+        base_embedding = load_model(model_dir).get_input_embeddings().weight
+        assert torch.equal(handle.get_tensor("lm_head.weight"), base_embedding.detach())
+    from_disk = load_model(written).eval()
+    assert not tied_to_output(from_disk)
+    tokenizer = load_tokenizer(model_dir)
+    with torch.no_grad():
+        for prompt in [r.prompt for r in requests] + unrelated:
+            ids = tokenizer(prompt, return_tensors="pt")
+            assert torch.equal(in_memory(**ids).logits, from_disk(**ids).logits), prompt
+
+    # locft eval: the delta on the tied base, and the applied directory against its base, score alike
+    by_delta = run_eval(str(model_dir), str(edits), delta_path=str(outcome.delta_path), generation=False)
+    by_dir = run_eval(str(written), str(edits), generation=False)
+    assert by_delta["edited"].reliability_tf == outcome.metrics.reliability_tf
+    assert by_delta["edited"].to_dict() == by_dir["edited"].to_dict()
+    assert by_delta["edited"].reliability_tf > by_delta["unedited"].reliability_tf
+
+    exported = read_delta(export_delta(tmp_path / "run", out=tmp_path / "exported.safetensors"))
+    assert untied_output(exported.metadata) == untied_output(delta.metadata) is not None
+    assert torch.equal(
+        exported.tensors["model.embed_tokens.weight"], delta.tensors["model.embed_tokens.weight"]
+    )

@@ -41,6 +41,7 @@ from locft_dist.eval.metrics import EditMetrics
 from locft_dist.eval.table import format_metrics_table, save_metrics
 from locft_dist.model import DTYPES, check_model_dir, load_tokenizer
 from locft_dist.parallel import make_strategy
+from locft_dist.subject_rows import untie_for_delta
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,8 @@ def _location(delta: Delta | None) -> LocateConfig:
     """Where the delta's tensors sit (FSDP keeps them in float32, as training did); the default without."""
     if delta is None:
         return LocateConfig()
+    if _subject_embeddings(delta):
+        return LocateConfig(subject_embeddings=True)
     layers, modules = set(), set()
     for name in delta.tensors:
         match = _LAYER_PARAMETER.search(name)
@@ -97,6 +100,15 @@ def _location(delta: Delta | None) -> LocateConfig:
         layers.add(int(match.group(1)))
         modules.add(match.group(2))
     return LocateConfig(layers=sorted(layers), modules=sorted(modules))
+
+
+def _subject_embeddings(delta: Delta) -> bool:
+    """Whether the delta moves input-embedding rows (``locate.subject_embeddings``), not decoder layers."""
+    try:
+        locate = json.loads(delta.metadata.get("locft.config", "{}")).get("locate", {})
+    except (json.JSONDecodeError, AttributeError):
+        return False
+    return isinstance(locate, dict) and bool(locate.get("subject_embeddings"))
 
 
 def run_eval(
@@ -143,6 +155,12 @@ def run_eval(
     cfg.model.path, cfg.model.dtype, cfg.model.device = str(model_dir), dtype, device
     cfg.dist.strategy = strategy
     ranks = make_strategy(cfg)
+    if delta is not None and _subject_embeddings(delta) and ranks.world_size != 1:
+        ranks.close()
+        raise ConfigError(
+            f"{delta_path or model_dir}: a locate.subject_embeddings delta is evaluated in one process "
+            f"(--strategy none), not {ranks.world_size}"
+        )
     try:
         model, _ = ranks.load_model(cfg.model, _location(delta))
         settings = EvalSettings(batch_size=batch_size, generation=generation, max_new_tokens=max_new_tokens)
@@ -158,6 +176,7 @@ def run_eval(
             from locft_dist.parallel.add_tensors import add_to_parameters
 
             reference, base = evaluator.unedited(model, heldout)
+            untie_for_delta(model, delta.metadata)
             add_to_parameters(model, delta.tensors)
             edited = evaluator.edited(model, reference, heldout, perplexity_base=base.perplexity)
             results = {"unedited": base, "edited": edited}

@@ -24,8 +24,10 @@ from locft_dist.delta import compute_delta, fingerprint_tensors, read_base_tenso
 from locft_dist.edits.encode import Encoding
 from locft_dist.errors import RunDirError
 from locft_dist.lora import ADAPTER
+from locft_dist.model import build_meta_model
 from locft_dist.run.compat import model_fingerprint
 from locft_dist.run.layout import RunDir
+from locft_dist.subject_rows import untie_output_layer, untied_output_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +102,16 @@ def export_delta(run_dir: str | Path, *, step: int | None = None, out: str | Pat
         config_json=cfg.to_json(),
         encoding=Encoding.from_config(cfg.edits),
         step=step,
+        extra_metadata=_untied_output_metadata(cfg),
     )
     logger.info("checkpoint %s -> %s", path, out)
     return out
+
+
+def _untied_output_metadata(cfg: RunConfig) -> dict[str, str]:
+    """A subject-embedding run on a tied model trained with the output layer untied: say so, as the run's
+    own delta does (its structure is read on the meta device, no weights)."""
+    if not cfg.locate.subject_embeddings:
+        return {}
+    model = build_meta_model(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    return untied_output_metadata(untie_output_layer(model))
