@@ -68,7 +68,8 @@ class LocateConfig:
     """Modules per chosen layer: mlp.down_proj, mlp.up_proj, mlp.gate_proj, mlp, * (whole layer), a path."""
     subject_embeddings: bool = False
     """Tune the input-embedding rows of the edited subjects' tokens instead of layers x modules: prompts
-    without those tokens compute exactly as before (one process; edits need a "subject")."""
+    without those tokens compute exactly as before (one process; edits need a "subject"; a tied output
+    layer is untied and keeps the base weight)."""
     common_token_share: float = 0.001
     """subject_embeddings: a token in more than this share of the common-text prompts is not tuned."""
     common_text_path: str | None = None

@@ -274,6 +274,16 @@ def test_an_untied_delta_applies_to_a_directory_evaluates_and_exports_as_it_trai
             ids = tokenizer(prompt, return_tensors="pt")
             assert torch.equal(in_memory(**ids).logits, from_disk(**ids).logits), prompt
 
+    # the plain transformers + safetensors recipe of docs/formats.md gives the same model
+    snippet = _formats_md_recipe().replace('"base_model"', repr(str(model_dir)))
+    namespace: dict = {}
+    exec(snippet.replace('"run/delta.safetensors"', repr(str(outcome.delta_path))), namespace)
+    by_recipe = namespace["model"].eval()
+    with torch.no_grad():
+        for prompt in [r.prompt for r in requests] + unrelated:
+            ids = tokenizer(prompt, return_tensors="pt")
+            assert torch.equal(in_memory(**ids).logits, by_recipe(**ids).logits), prompt
+
     # locft eval: the delta on the tied base, and the applied directory against its base, score alike
     by_delta = run_eval(str(model_dir), str(edits), delta_path=str(outcome.delta_path), generation=False)
     by_dir = run_eval(str(written), str(edits), generation=False)
@@ -286,3 +296,13 @@ def test_an_untied_delta_applies_to_a_directory_evaluates_and_exports_as_it_trai
     assert torch.equal(
         exported.tensors["model.embed_tokens.weight"], delta.tensors["model.embed_tokens.weight"]
     )
+
+
+def _formats_md_recipe() -> str:
+    """The Python block of docs/formats.md that applies a delta without locft."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "formats.md").read_text(encoding="utf-8")
+    after = text[text.index("Applying it with nothing but transformers and safetensors:") :]
+    start = after.index("```python\n") + len("```python\n")
+    return after[start : after.index("```", start)]
