@@ -289,3 +289,61 @@ def test_subject_row_delta_leaves_prompts_without_those_tokens_exactly_alone(tin
     moved = (tied_other - base_other).abs().amax(dim=(0, 1))
     assert moved[rows].max() > 0
     assert moved[[t for t in range(moved.numel()) if t not in rows]].max() == 0
+
+
+def _study(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "studies" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rows_shared_with_another_target_are_flagged():
+    study = _study("subject_row_failures")
+    flags = study.shares_a_row([[1, 2], [2], [3], [3]], ["Paris", "Rome", "Oslo", "Oslo"])
+    assert flags == [True, True, False, False]  # row 3 carries one target for both its edits
+
+
+def test_subject_row_failures_split_the_edits_by_what_the_delta_learned(world_model, tmp_path):
+    from locft_dist.config import load_config
+    from locft_dist.edit_job import run_edit
+    from locft_dist.edits import write_jsonl
+
+    study = _study("subject_row_failures")
+    edits, common = tmp_path / "edits.jsonl", tmp_path / "common.txt"
+    requests = world_model.world.make_edits(10, seed=5)
+    write_jsonl(requests, edits)
+    common.write_text("\n".join(p.prompt for r in requests for p in r.locality_prompts) + "\n")
+    overrides = [
+        f"model.path={world_model.model_dir}",
+        f"edits.path={edits}",
+        f"output.dir={tmp_path / 'run'}",
+        "locate.subject_embeddings=true",
+        f"locate.common_text_path={common}",
+        "train.lr=1e-1",
+        "train.batch_size=5",
+        "train.epochs=6",
+        "train.progress=false",
+        "dist.strategy=none",
+        "model.device=cpu",
+        "eval.generation=false",
+    ]
+    outcome = run_edit(load_config(None, overrides))
+    summary = study.main(
+        [
+            "--model",
+            str(world_model.model_dir),
+            "--edits",
+            str(edits),
+            "--delta",
+            str(outcome.delta_path),
+            "--json",
+            str(tmp_path / "failures.json"),
+        ]
+    )
+    learned, missed = summary["learned"]["edits"], summary["not_learned"]["edits"]
+    assert learned + missed == len(requests) == len(summary["unlearned_edits"]) + learned
+    # an edit counted as learned has every target token right: the run's token accuracy is at least that
+    assert outcome.metrics.reliability_tf >= learned / len(requests) - 1e-9
+    assert learned > 0
+    assert json.loads((tmp_path / "failures.json").read_text()) == summary
