@@ -27,6 +27,22 @@ def _rows(tokenizer, requests=EDITS, reference=UNRELATED, share=0.0):
     return choose_subject_rows(tokenizer, requests, reference, max_share=share, source="edits.jsonl")
 
 
+def _subject_run(model_dir, edits, common, out, *settings: str) -> list[str]:
+    """Overrides of a one-process subject-row run on CPU (every common token tuned), plus ``settings``."""
+    return [
+        f"model.path={model_dir}",
+        f"edits.path={edits}",
+        f"output.dir={out}",
+        "locate.subject_embeddings=true",
+        f"locate.common_text_path={common}",
+        "locate.common_token_share=0",
+        "train.progress=false",
+        "dist.strategy=none",
+        "model.device=cpu",
+        *settings,
+    ]
+
+
 def test_rows_are_subject_tokens_not_common_in_the_reference(tiny_tokenizer):
     chosen = _rows(tiny_tokenizer)
     subject_ids = {t for e in EDITS for t in subject_token_ids(tiny_tokenizer, e.prompt, e.subject)}
@@ -113,21 +129,16 @@ def test_edit_job_moves_only_subject_rows_and_leaves_other_prompts_exact(
     outcome = run_edit(
         load_config(
             None,
-            [
-                f"model.path={model_dir}",
-                f"edits.path={edits}",
-                f"output.dir={tmp_path / 'run'}",
-                "locate.subject_embeddings=true",
-                f"locate.common_text_path={common}",
-                "locate.common_token_share=0",
+            _subject_run(
+                model_dir,
+                edits,
+                common,
+                tmp_path / "run",
                 "train.lr=5e-2",
                 "train.batch_size=3",
                 "train.epochs=15",
-                "train.progress=false",
                 "eval.enabled=false",
-                "dist.strategy=none",
-                "model.device=cpu",
-            ],
+            ),
         )
     )
     assert tied_to_output(load_model(model_dir)) == tied
@@ -204,21 +215,16 @@ def test_a_bfloat16_tied_model_trains_float32_rows_and_moves_only_them(tiny_mode
     edits, common = tmp_path / "edits.jsonl", tmp_path / "common.txt"
     write_jsonl(EDITS, edits)
     common.write_text("\n".join(UNRELATED) + "\n")
-    overrides = [
-        f"model.path={tmp_path / 'tied'}",
-        f"edits.path={edits}",
-        f"output.dir={tmp_path / 'run'}",
+    overrides = _subject_run(
+        tmp_path / "tied",
+        edits,
+        common,
+        tmp_path / "run",
         "model.dtype=bfloat16",
-        "locate.subject_embeddings=true",
-        f"locate.common_text_path={common}",
-        "locate.common_token_share=0",
         "train.lr=5e-2",
         "train.batch_size=3",
         "train.epochs=5",
-        "train.progress=false",
-        "dist.strategy=none",
-        "model.device=cpu",
-    ]
+    )
     outcome = run_edit(load_config(None, overrides))
     moved = read_delta(outcome.delta_path).tensors["model.embed_tokens.weight"].ne(0).any(dim=1)
     assert int(moved.sum()) > 0 and set(moved.nonzero().flatten().tolist()) <= set(
@@ -241,21 +247,16 @@ def test_an_untied_delta_applies_to_a_directory_evaluates_and_exports_as_it_trai
     write_jsonl(requests, edits)
     unrelated = [p.prompt for r in requests for p in r.locality_prompts]
     common.write_text("\n".join(unrelated) + "\n")
-    overrides = [
-        f"model.path={model_dir}",
-        f"edits.path={edits}",
-        f"output.dir={tmp_path / 'run'}",
-        "locate.subject_embeddings=true",
-        f"locate.common_text_path={common}",
-        "locate.common_token_share=0",
+    overrides = _subject_run(
+        model_dir,
+        edits,
+        common,
+        tmp_path / "run",
         "train.lr=1e-1",
         "train.batch_size=4",
         "train.epochs=10",
-        "train.progress=false",
-        "dist.strategy=none",
-        "model.device=cpu",
         "eval.generation=false",
-    ]
+    )
     outcome = run_edit(load_config(None, overrides))
     delta = read_delta(outcome.delta_path)
 
