@@ -163,6 +163,13 @@ class AugmentConfig:
     """Loss weight of a locality example relative to an edit."""
     batch_size: int = 64
     """Rows per generation forward; the batches are spread over the ranks and the results gathered."""
+    wordings: int = 0
+    """Other wordings of each edit's relation trained beside its prompt (0: off): the wordings that
+    augment.wordings_path's records pair most often with the edit's, its own rephrase probes' excluded."""
+    wordings_path: str | None = None
+    """Records (any edit-file format) whose prompts and rephrasings teach which wordings a relation has."""
+    wordings_min_count: int = 2
+    """A wording is another's only when at least this many records pair them."""
 
 
 @dataclass(kw_only=True)
@@ -497,6 +504,7 @@ def validate(config: RunConfig) -> None:
     aug = config.augment
     for key, value in (
         ("augment.paraphrases", aug.paraphrases),
+        ("augment.wordings", aug.wordings),
         ("augment.locality_ratio", aug.locality_ratio),
         ("augment.locality_weight", aug.locality_weight),
     ):
@@ -507,6 +515,7 @@ def validate(config: RunConfig) -> None:
         ("augment.locality_tokens", aug.locality_tokens),
         ("augment.locality_top_k", aug.locality_top_k),
         ("augment.batch_size", aug.batch_size),
+        ("augment.wordings_min_count", aug.wordings_min_count),
     ):
         if value <= 0:
             raise ConfigError(f"'{key}' must be positive; got {value}")
@@ -514,6 +523,12 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"'lora.rank' must be >= 0 and 'lora.alpha' positive; got {config.lora}")
     if aug.locality_source == "file" and not aug.locality_path:
         raise ConfigError("'augment.locality_source' is file but 'augment.locality_path' is not set")
+    if aug.wordings and not aug.wordings_path:
+        raise ConfigError(
+            "'augment.wordings' needs records to learn a relation's wordings from: set "
+            "'augment.wordings_path' (an edit file whose records have a subject and rephrasings, e.g. "
+            "CounterFact's)"
+        )
     _validate_subject_embeddings(config)
     if not config.locate.layers:
         raise ConfigError("'locate.layers' must name at least one layer")

@@ -159,7 +159,8 @@ def _run_edit(cfg: RunConfig, strategy: Strategy, run: Run) -> EditOutcome:
     if cfg.lora.rank:
         model = _attach_lora(cfg, strategy, model, location.parameter_names)
     trainable = strategy.trainable_parameters(model)
-    subject_rows = _restrict_to_subject_rows(cfg, model, tokenizer, requests, trainable)
+    wordings = augment.relation_wordings(cfg, requests) if requests else None
+    subject_rows = _restrict_to_subject_rows(cfg, model, tokenizer, requests, trainable, wordings)
     edited_names = list(location.parameter_names) if cfg.lora.rank else [n for n, _ in trainable]
     # The base as stored on disk (not as loaded in model.dtype): what `locft apply` will add the delta to.
     # The main rank reads and hashes it; the others get the hash (they write nothing that needs the tensors).
@@ -225,7 +226,16 @@ def _run_edit(cfg: RunConfig, strategy: Strategy, run: Run) -> EditOutcome:
     # Augmentation is what the *base* model says (paraphrase prefixes, locality references), also in a
     # continued wave: references from base + the previous delta would let every wave's drift stand.
     train_examples, dataset_fingerprint = augmented_examples(
-        cfg, strategy, model, tokenizer, requests, examples, loaded.fingerprint, base_fingerprint, run_log
+        cfg,
+        strategy,
+        model,
+        tokenizer,
+        requests,
+        examples,
+        loaded.fingerprint,
+        base_fingerprint,
+        run_log,
+        wordings,
     )
     continual.start(strategy, model)  # base + the previous wave's delta (a checkpoint, if any, wins)
     replay = continual.replay(len(train_examples))
@@ -319,8 +329,10 @@ def augmented_examples(
     fingerprint: str,
     base_fingerprint: str,
     run_log: RunLog,
+    wordings: list[list[str]] | None = None,
 ) -> tuple[Sequence[EncodedExample], str]:
-    """The breadth-first training set: the edits, then any pseudo-paraphrases and locality examples.
+    """The breadth-first training set: the edits, then any other wordings, pseudo-paraphrases and locality
+    examples.
 
     The dataset fingerprint (checked on resume) covers the augmentation, so a checkpoint made with other
     extra examples is refused.
@@ -339,15 +351,24 @@ def augmented_examples(
         base_fingerprint=base_fingerprint,
         write=strategy.is_main,
         shard=strategy,
+        wordings=wordings,
     )
     _reshard(model)
-    run_log.event("augment", paraphrases=extra.num_paraphrases, locality=extra.num_locality, key=extra.key)
+    run_log.event(
+        "augment",
+        paraphrases=extra.num_paraphrases,
+        wordings=extra.num_wordings,
+        locality=extra.num_locality,
+        key=extra.key,
+    )
     return [*examples, *extra.examples], f"{fingerprint}+{extra.key}"
 
 
-def _restrict_to_subject_rows(cfg: RunConfig, model, tokenizer, requests, trainable) -> SubjectRows | None:
-    """locate.subject_embeddings: only the rows of the edited subjects' tokens get a gradient; a tied output
-    layer is untied first (it keeps the base weight)."""
+def _restrict_to_subject_rows(
+    cfg: RunConfig, model, tokenizer, requests, trainable, wordings: list[list[str]] | None
+) -> SubjectRows | None:
+    """locate.subject_embeddings: only the rows of the edited subjects' tokens (in the prompts and any other
+    wordings) get a gradient; a tied output layer is untied first (it keeps the base weight)."""
     if not cfg.locate.subject_embeddings:
         return None
     reference_path = cfg.locate.common_text_path or cfg.augment.locality_path
@@ -357,6 +378,7 @@ def _restrict_to_subject_rows(cfg: RunConfig, model, tokenizer, requests, traina
         augment.read_locality_prompts(reference_path),
         max_share=cfg.locate.common_token_share,
         source=str(cfg.edits.path),
+        other_prompts=wordings,
     )
     (name, weight), *others = trainable
     assert not others, "subject embeddings train one tensor"

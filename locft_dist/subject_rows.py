@@ -90,9 +90,13 @@ def choose_subject_rows(
     *,
     max_share: float,
     source: str = "edits",
+    other_prompts: Sequence[Sequence[str]] | None = None,
 ) -> SubjectRows:
     """The input-embedding rows of the edited subjects' tokens, less those common in ``reference``.
 
+    ``other_prompts`` are more prompts each edit trains in (``augment.wordings``): the subject's tokens in
+    them count too (a subject that opens a sentence is tokenized without its leading space), each prompt
+    keeping at least its rarest one.
     Raises ``EditDataError`` naming the edit when a record has no subject or its prompt does not contain it.
     """
     frequency = document_frequency(tokenizer, reference)
@@ -112,12 +116,23 @@ def choose_subject_rows(
                 f"{source}: edit {index}: field 'subject' ({request.subject!r}) does not occur in field "
                 f"'prompt' ({request.prompt!r})"
             )
-        kept = [token for token in ids if frequency.get(token, 0) <= limit]
+        kept = _uncommon(ids, frequency, limit)
         if not kept:
-            kept = [min(ids, key=lambda token: (frequency.get(token, 0), token))]
             on_rarest += 1
-        rows.update(kept)
+        rows.update(kept or [_rarest(ids, frequency)])
+        for prompt in other_prompts[index] if other_prompts else ():
+            ids = subject_token_ids(tokenizer, prompt, request.subject)
+            if ids:
+                rows.update(_uncommon(ids, frequency, limit) or [_rarest(ids, frequency)])
     return SubjectRows(tuple(sorted(rows)), common, on_rarest)
+
+
+def _uncommon(ids: Sequence[int], frequency: Counter, limit: float) -> list[int]:
+    return [token for token in ids if frequency.get(token, 0) <= limit]
+
+
+def _rarest(ids: Sequence[int], frequency: Counter) -> int:
+    return min(ids, key=lambda token: (frequency.get(token, 0), token))
 
 
 def input_embedding_name(model: nn.Module) -> str:

@@ -42,6 +42,7 @@ from locft_dist.edits.encode import (
     render_prompt,
 )
 from locft_dist.edits.schema import EditRequest
+from locft_dist.edits.wordings import wordings_for_edits
 from locft_dist.errors import EditDataError
 from locft_dist.eval.passes import eval_mode, model_device
 from locft_dist.logits import final_hidden, head_logits
@@ -49,6 +50,7 @@ from locft_dist.logits import final_hidden, head_logits
 logger = logging.getLogger(__name__)
 
 AUGMENT_FILE = augment_store.FILE
+WORDINGS_KEYS = {"wordings", "wordings_path", "wordings_min_count"}
 T = TypeVar("T")
 
 
@@ -84,12 +86,27 @@ class Augmentation:
     num_paraphrases: int
     num_locality: int
     key: str
+    num_wordings: int = 0
 
 
 def enabled(cfg: RunConfig) -> bool:
-    return cfg.augment.paraphrases > 0 or (
-        cfg.augment.locality_source != "none" and cfg.augment.locality_ratio > 0
+    return (
+        cfg.augment.paraphrases > 0
+        or cfg.augment.wordings > 0
+        or (cfg.augment.locality_source != "none" and cfg.augment.locality_ratio > 0)
     )
+
+
+def relation_wordings(cfg: RunConfig, requests: Sequence[EditRequest]) -> list[list[str]] | None:
+    """``augment.wordings``: each edit's other wordings of its relation, from ``augment.wordings_path``'s
+    records (None when off)."""
+    aug = cfg.augment
+    if aug.wordings <= 0:
+        return None
+    from locft_dist.edits.formats import load_edits  # the format readers are only needed here
+
+    pool = load_edits(aug.wordings_path, skip_invalid=True).requests
+    return wordings_for_edits(pool, requests, num=aug.wordings, min_count=aug.wordings_min_count)
 
 
 def sharded_batches(
@@ -283,22 +300,28 @@ def locality_targets(
 
 def _key(cfg: RunConfig, edits_fingerprint: str, base_fingerprint: str) -> str:
     """What the cached examples depend on: a changed config, edit set or base model regenerates them."""
+    # how generation is batched is not what the examples mean: a new batch size reuses the cache; the
+    # wordings keys are left out while they are off, so runs from before they existed keep their key
+    unused = {"batch_size"} | (set() if cfg.augment.wordings > 0 else WORDINGS_KEYS)
     parts = {
-        # how generation is batched is not what the examples mean: a new batch size reuses the cache
-        "augment": {k: v for k, v in vars(cfg.augment).items() if k != "batch_size"},
+        "augment": {k: v for k, v in vars(cfg.augment).items() if k not in unused},
         "edits": edits_fingerprint,
         "base": base_fingerprint,
         "seed": cfg.train.seed,
         "encoding": Encoding.from_config(cfg.edits).cache_key(),
     }
     if cfg.augment.locality_source == "file":
-        try:
-            parts["locality_file"] = hashlib.sha256(Path(cfg.augment.locality_path).read_bytes()).hexdigest()
-        except OSError as err:
-            raise EditDataError(
-                f"{cfg.augment.locality_path}: cannot read locality prompts: {err.strerror}"
-            ) from None
+        parts["locality_file"] = _file_digest(cfg.augment.locality_path, "locality prompts")
+    if cfg.augment.wordings > 0:
+        parts["wordings_file"] = _file_digest(cfg.augment.wordings_path, "records for relation wordings")
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _file_digest(path: str | Path, what: str) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as err:
+        raise EditDataError(f"{path}: cannot read {what}: {err.strerror}") from None
 
 
 def _locality_pool(cfg: RunConfig, requests: Sequence[EditRequest]) -> list[str]:
@@ -355,18 +378,24 @@ def _generate(
 
 
 def _examples(
-    tokenizer, requests: Sequence[EditRequest], cfg: RunConfig, generated: augment_store.Generated
+    tokenizer,
+    requests: Sequence[EditRequest],
+    cfg: RunConfig,
+    generated: augment_store.Generated,
+    wordings: Sequence[Sequence[str]],
 ) -> list[EncodedExample]:
+    """The other wordings as they are, then the pseudo-paraphrases (an edit's prefixes go before its other
+    wordings in turn, then its prompt), then the locality examples."""
     aug = cfg.augment
-    prompts = [
-        paraphrase_prompt(prefix, requests[i // aug.paraphrases].prompt)
-        for i, prefix in enumerate(generated.prefixes)
-    ]
+    prompts = [w for words in wordings for w in words]
+    owners = [i for i, words in enumerate(wordings) for _ in words]
+    for j, prefix in enumerate(generated.prefixes):
+        edit = j // aug.paraphrases
+        choices = [*wordings[edit], requests[edit].prompt] if wordings else [requests[edit].prompt]
+        prompts.append(paraphrase_prompt(prefix, choices[(j % aug.paraphrases) % len(choices)]))
+        owners.append(edit)
     examples = encode_pairs(
-        tokenizer,
-        prompts,
-        [requests[i // aug.paraphrases].target_new for i in range(len(prompts))] if prompts else [],
-        Encoding.from_config(cfg.edits),
+        tokenizer, prompts, [requests[i].target_new for i in owners], Encoding.from_config(cfg.edits)
     )
     soft = aug.locality_loss == "kl"
     for example in generated.locality:
@@ -392,9 +421,12 @@ def build_augmentation(
     base_fingerprint: str,
     write: bool,
     shard: Shard | None = None,
+    wordings: Sequence[Sequence[str]] | None = None,
 ) -> Augmentation:
     """Examples to append to the edits: from ``output.dir/augment.safetensors`` if it matches, else
-    generated (sharded over ``shard``'s ranks and gathered); only the rank with ``write`` saves them."""
+    generated (sharded over ``shard``'s ranks and gathered); only the rank with ``write`` saves them.
+    ``wordings`` (``relation_wordings``) are each edit's other wordings, trained as they are and under
+    the prefixes."""
     key = _key(cfg, edits_fingerprint, base_fingerprint)
     path = Path(cfg.output.dir) / AUGMENT_FILE
     generated = augment_store.load(path, key)
@@ -404,5 +436,7 @@ def build_augmentation(
         generated = _generate(model, tokenizer, requests, cfg, shard or OneProcess())
         if write:
             augment_store.save(path, key, generated)
-    examples = _examples(tokenizer, requests, cfg, generated)
-    return Augmentation(examples, len(generated.prefixes), len(generated.locality), key)
+    wordings = list(wordings) if wordings is not None else relation_wordings(cfg, requests) or []
+    examples = _examples(tokenizer, requests, cfg, generated, wordings)
+    num_wordings = sum(len(w) for w in wordings)
+    return Augmentation(examples, len(generated.prefixes), len(generated.locality), key, num_wordings)
