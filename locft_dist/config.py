@@ -60,8 +60,9 @@ class EditsConfig:
 @dataclass(kw_only=True)
 class LocateConfig:
     preset: str | None = None
-    """Settings by name: the authors' (llama3-8b, qwen2.5-7b, mistral-7b) and smollm2-135m (needs
-    augment.locality_path); explicit keys override a preset."""
+    """Settings by name: the authors' (llama3-8b, qwen2.5-7b, mistral-7b), smollm2-135m (needs
+    augment.locality_path) and smollm2-135m-subjects (needs locate.common_text_path or
+    augment.locality_path, and augment.wordings_path); explicit keys override a preset."""
     layers: list[int] = field(default_factory=lambda: [-1])
     """Decoder layer indices to tune; negative counts from the end."""
     modules: list[str] = field(default_factory=lambda: ["mlp.down_proj"])

@@ -69,6 +69,25 @@ facts, which the user provides as ``augment.locality_path``, and two pseudo-para
 unedited model's own text before the prompt: generalization 0.31 -> 0.52 on 100 edits)."""
 
 
+PRESETS["smollm2-135m-subjects"] = {
+    "locate.subject_embeddings": True,
+    "locate.common_token_share": 0.001,
+    "train.lr": 1e-1,
+    "train.batch_size": 20,
+    "train.epochs": 25,
+    "train.optimizer": "adam",
+    "train.early_stop_loss": 0.01,
+    "augment.paraphrases": 2,
+    "augment.paraphrase_tokens": 10,
+    "augment.wordings": 2,
+}
+"""SmolLM2-135M(-Instruct) when unrelated prompts must keep their answers (docs/editing_quality.md): the
+input-embedding rows of the edited subjects' tokens (prompts without them compute exactly as before),
+trained in two other wordings of each edit's relation (``augment.wordings_path``: records such as
+CounterFact's) and under two pseudo-paraphrase prefixes; common tokens are told from a subject's own by
+``locate.common_text_path`` (default ``augment.locality_path``). One process."""
+
+
 @dataclass(frozen=True)
 class DecoderLayout:
     """Where the decoder blocks live: parameters of layer ``i`` are named ``f"{layers_path}.{i}.…"``."""

@@ -83,6 +83,18 @@ def test_config_reference_doc_is_current():
     assert describe_keys() in doc, "docs/config.md is stale: regenerate it from `locft edit --help-config`"
 
 
+def test_smollm2_subjects_preset_needs_common_text_and_wordings(tmp_path):
+    common, pool = tmp_path / "common.jsonl", tmp_path / "counterfact.jsonl"
+    with pytest.raises(ConfigError, match=r"augment\.wordings_path"):
+        load_config(None, ["locate.preset=smollm2-135m-subjects", f"locate.common_text_path={common}"])
+    with pytest.raises(ConfigError, match=r"locate\.common_text_path"):
+        load_config(None, ["locate.preset=smollm2-135m-subjects", f"augment.wordings_path={pool}"])
+    preset = "locate.preset=smollm2-135m-subjects"
+    cfg = load_config(None, [preset, f"augment.locality_path={common}", f"augment.wordings_path={pool}"])
+    assert cfg.locate.subject_embeddings and cfg.augment.wordings == 2 and cfg.train.lr == 0.1
+    assert cfg.augment.locality_source == "none"  # the locality file serves as common text only
+
+
 def test_smollm2_preset_needs_a_locality_file(tmp_path):
     with pytest.raises(ConfigError, match=r"preset 'smollm2-135m'.*augment\.locality_path"):
         load_config(None, ["locate.preset=smollm2-135m"])

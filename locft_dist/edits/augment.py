@@ -105,7 +105,7 @@ def relation_wordings(cfg: RunConfig, requests: Sequence[EditRequest]) -> list[l
         return None
     from locft_dist.edits.formats import load_edits  # the format readers are only needed here
 
-    pool = load_edits(aug.wordings_path, skip_invalid=True).requests
+    pool = load_edits(aug.wordings_path, skip_invalid=True, warn=False).requests
     return wordings_for_edits(pool, requests, num=aug.wordings, min_count=aug.wordings_min_count)
 
 

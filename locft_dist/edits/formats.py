@@ -328,13 +328,19 @@ SKIP_HINT = (
 
 
 def load_edits(
-    path: str | Path, format: str = "auto", *, skip_invalid: bool = False, limit: int | None = None
+    path: str | Path,
+    format: str = "auto",
+    *,
+    skip_invalid: bool = False,
+    limit: int | None = None,
+    warn: bool = True,
 ) -> EditSet:
     """Load an edit file; ``limit`` keeps the first N valid edits and stops reading there.
 
     The same prompt with two different targets is an error (no model can learn both); an exact repeat
     is dropped and counted. ``skip_invalid`` skips bad records instead of raising, but a missing, empty,
-    unreadable or undetectable file, or one with no valid edit at all, still raises.
+    unreadable or undetectable file, or one with no valid edit at all, still raises. ``warn=False`` logs
+    the skipped records at INFO (a file read for something other than its edits, e.g. relation wordings).
     """
     where = str(path)
     if format != "auto" and format not in FORMATS:
@@ -380,7 +386,8 @@ def load_edits(
         raise EditDataError(f"{where}: no valid edits ({num_skipped} invalid records skipped{first})")
     if num_skipped or num_duplicates:
         summary = f"skipped {num_skipped} invalid records, dropped {num_duplicates} exact duplicates"
-        logger.warning("%s: loaded %d edits, %s%s", where, len(requests), summary, first)
+        level = logging.WARNING if warn else logging.INFO
+        logger.log(level, "%s: loaded %d edits, %s%s", where, len(requests), summary, first)
     return EditSet(requests, where, fmt, num_skipped, num_duplicates)
 
 
