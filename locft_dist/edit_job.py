@@ -129,6 +129,8 @@ def _run_edit(cfg: RunConfig, strategy: Strategy, run: Run) -> EditOutcome:
     )
     loaded = load_encoded_edits(cfg, tokenizer, need_requests=need_requests or bool(cfg.continual.previous))
     requests, examples = loaded.requests, loaded.examples
+    # read before the run directory is touched: a bad wordings file fails here
+    wordings = augment.relation_wordings(cfg, requests) if requests else None
     continual = ContinualWave(cfg, requests)
     run_dir = Path(cfg.output.dir)
     model_id = model_fingerprint(cfg.model.path)
@@ -159,7 +161,6 @@ def _run_edit(cfg: RunConfig, strategy: Strategy, run: Run) -> EditOutcome:
     if cfg.lora.rank:
         model = _attach_lora(cfg, strategy, model, location.parameter_names)
     trainable = strategy.trainable_parameters(model)
-    wordings = augment.relation_wordings(cfg, requests) if requests else None
     subject_rows = _restrict_to_subject_rows(cfg, model, tokenizer, requests, trainable, wordings)
     edited_names = list(location.parameter_names) if cfg.lora.rank else [n for n, _ in trainable]
     # The base as stored on disk (not as loaded in model.dtype): what `locft apply` will add the delta to.

@@ -153,3 +153,22 @@ def test_a_subject_row_run_trains_every_example_of_the_wordings_each_epoch(tiny_
     assert next(e for e in events if e["event"] == "augment")["wordings"] == 3  # 2 + 1 ("profession")
     steps = [e for e in events if e["event"] == "step"]
     assert sum(e["batch_edits"] for e in steps) == 2 * (2 + 3)
+
+
+def test_a_missing_wordings_file_fails_before_the_run_directory_exists(tiny_model_dir, tmp_path):
+    from locft_dist.errors import EditDataError
+
+    edits = tmp_path / "edits.jsonl"
+    write_jsonl([EditRequest("Kesso Varn works as a", "glassblower", subject="Kesso Varn")], edits)
+    overrides = [
+        f"model.path={tiny_model_dir}",
+        f"edits.path={edits}",
+        f"output.dir={tmp_path / 'run'}",
+        "augment.wordings=2",
+        f"augment.wordings_path={tmp_path / 'missing.jsonl'}",
+        "dist.strategy=none",
+        "model.device=cpu",
+    ]
+    with pytest.raises(EditDataError, match=r"missing\.jsonl"):
+        run_edit(load_config(None, overrides))
+    assert not (tmp_path / "run").exists()
