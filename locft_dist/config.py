@@ -76,6 +76,9 @@ class LocateConfig:
     common_text_path: str | None = None
     """subject_embeddings: prompts of unrelated text that tell common tokens from a subject's own (JSONL
     with a "prompt" field, or plain text); default augment.locality_path."""
+    common_generated_tokens: int = 0
+    """subject_embeddings: count as common text also the unedited model's greedy continuation of each
+    common-text prompt, this many tokens (0: prompts only); catches tokens it writes often (digits)."""
 
 
 @dataclass(kw_only=True)
@@ -113,6 +116,11 @@ class TrainConfig:
     """Skip the optimizer step when a batch's loss is already below this (LocFT's loop uses 0.01)."""
     early_stop_loss: float | None = 0.01
     """Stop when an epoch's mean loss falls below this; null disables."""
+    focus_epochs: int = 0
+    """breadth_first: after the epochs, up to this many more over only the examples whose loss is still
+    above focus_loss (measured at each focus epoch's start; at train.lr): edits a low mean hides."""
+    focus_loss: float = 0.1
+    """focus_epochs: an example whose loss is above this is trained again."""
     seed: int = 0
     """Seed for the per-epoch shuffle and anything random in training."""
     depth_first_max_steps: int = 25
@@ -469,6 +477,14 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"'train.lr' must be positive; got {config.train.lr}")
     if config.train.adam_eps <= 0:
         raise ConfigError(f"'train.adam_eps' must be positive; got {config.train.adam_eps}")
+    if config.train.focus_epochs < 0:
+        raise ConfigError(f"'train.focus_epochs' must be >= 0; got {config.train.focus_epochs}")
+    if config.train.focus_loss <= 0:
+        raise ConfigError(f"'train.focus_loss' must be positive; got {config.train.focus_loss}")
+    if config.train.focus_epochs and config.train.pipeline != "breadth_first":
+        raise ConfigError(
+            "'train.focus_epochs' follows the breadth-first epochs: use train.pipeline=breadth_first"
+        )
     for key in ("prefix_cache_device_gib", "prefix_cache_host_gib"):
         cache_gib = getattr(config.train, key)
         if cache_gib is not None and cache_gib < 0:
@@ -540,6 +556,10 @@ def validate(config: RunConfig) -> None:
 def _validate_subject_embeddings(config: RunConfig) -> None:
     """``locate.subject_embeddings`` trains one masked tensor in one process, breadth-first."""
     locate = config.locate
+    if locate.common_generated_tokens < 0:
+        raise ConfigError(
+            f"'locate.common_generated_tokens' must be >= 0; got {locate.common_generated_tokens}"
+        )
     if not locate.subject_embeddings:
         return
     if not 0 <= locate.common_token_share <= 1:

@@ -39,6 +39,7 @@ from locft_dist.subject_rows import (
     choose_subject_rows,
     restrict_to_rows,
     untie_output_layer,
+    with_continuations,
 )
 from locft_dist.trainer import TrainResult, train_depth_first
 
@@ -245,12 +246,15 @@ def _run_edit(cfg: RunConfig, strategy: Strategy, run: Run) -> EditOutcome:
         dataset_fingerprint += continual.replay_fingerprint(replay)
         run_log.event("replay", **continual.summary(replay))
     logger.info(
-        "training: %s, %d edits, batch %d, lr %g, up to %d epochs",
+        "training: %s, %d edits, batch %d, lr %g, up to %d epochs%s",
         cfg.train.pipeline,
         len(examples),
         cfg.train.batch_size,
         cfg.train.lr,
         cfg.train.epochs,
+        f" and {cfg.train.focus_epochs} focus epochs (loss > {cfg.train.focus_loss:g})"
+        if cfg.train.focus_epochs
+        else "",
     )
     run.signals.phase = "training"
     if cfg.train.pipeline == "breadth_first":
@@ -373,10 +377,22 @@ def _restrict_to_subject_rows(
     if not cfg.locate.subject_embeddings:
         return None
     reference_path = cfg.locate.common_text_path or cfg.augment.locality_path
+    reference = augment.read_locality_prompts(reference_path)
+    if cfg.locate.common_generated_tokens:  # the tokens the unedited model writes count as common too
+        started = time.perf_counter()
+        reference = with_continuations(
+            model, tokenizer, reference, cfg.locate.common_generated_tokens, batch_size=cfg.augment.batch_size
+        )
+        logger.info(
+            "common text: the model's %d-token continuations of %d prompts, %.1fs",
+            cfg.locate.common_generated_tokens,
+            len(reference),
+            time.perf_counter() - started,
+        )
     chosen = choose_subject_rows(
         tokenizer,
         requests,
-        augment.read_locality_prompts(reference_path),
+        reference,
         max_share=cfg.locate.common_token_share,
         source=str(cfg.edits.path),
         other_prompts=wordings,
@@ -424,6 +440,7 @@ def _train_record(result: TrainResult) -> dict[str, Any]:
         "seconds": round(result.seconds, 3),
         "edits_per_second": round(result.edits_per_second, 2),
         "epoch_losses": [round(loss, 6) for loss in result.epoch_losses],
+        **({"focus_losses": [round(loss, 6) for loss in result.focus_losses]} if result.focus_losses else {}),
     }
 
 

@@ -72,6 +72,7 @@ unedited model's own text before the prompt: generalization 0.31 -> 0.52 on 100 
 PRESETS["smollm2-135m-subjects"] = {
     "locate.subject_embeddings": True,
     "locate.common_token_share": 0.001,
+    "locate.common_generated_tokens": 24,
     "train.lr": 1e-1,
     "train.batch_size": 20,
     "train.epochs": 25,
@@ -85,7 +86,9 @@ PRESETS["smollm2-135m-subjects"] = {
 input-embedding rows of the edited subjects' tokens (prompts without them compute exactly as before),
 trained in two other wordings of each edit's relation (``augment.wordings_path``: records such as
 CounterFact's) and under two pseudo-paraphrase prefixes; common tokens are told from a subject's own by
-``locate.common_text_path`` (default ``augment.locality_path``). One process."""
+``locate.common_text_path`` (default ``augment.locality_path``) and the unedited model's 24-token
+continuations of those prompts (digits and nationalities it writes would carry edits into its answers).
+One process."""
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,10 @@ prompts that contain one of them; every other prompt computes exactly what the u
 The rows are the tokens that overlap each edit's subject in its prompt, less *common* tokens, those found
 in more than ``locate.common_token_share`` of a reference text of unrelated prompts (" of", " The",
 frequent first names would carry the edit into unrelated text); a subject whose tokens are all common
-keeps its rarest one, so that every edit has a row.
+keeps its rarest one, so that every edit has a row. Prompts alone undercount what the model *writes*: digits
+(years), nationalities and religions fill its answers, and a tuned row among them changes every generation
+that passes through it. ``locate.common_generated_tokens`` adds the unedited model's greedy continuation of
+each reference prompt to that prompt's text.
 
 The trainable tensor is the input embedding's weight with its gradient masked to those rows, so the
 optimizer, checkpoints, resume and the delta see an ordinary parameter whose other rows never move (Adam
@@ -49,6 +52,39 @@ def subject_token_ids(tokenizer, prompt: str, subject: str) -> list[int]:
     encoded = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=False)
     spans = zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
     return [token for token, (first, last) in spans if first < end and last > start]
+
+
+@torch.no_grad()
+def with_continuations(
+    model: nn.Module, tokenizer, prompts: Sequence[str], num_tokens: int, *, batch_size: int = 64
+) -> list[str]:
+    """Each prompt followed by the model's greedy continuation of ``num_tokens`` tokens (up to EOS): text
+    that also holds the tokens the model generates, for counting which tokens are common."""
+    from locft_dist.eval.generate import greedy_generate, model_eos_ids
+    from locft_dist.eval.passes import eval_mode, model_device
+
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    stop = torch.zeros(vocab_size, dtype=torch.bool)
+    for eos in {tokenizer.eos_token_id, *model_eos_ids(model)} - {None}:
+        stop[int(eos)] = True
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] or [int(pad_id)] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths pad least
+    texts = list(prompts)
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            generated = greedy_generate(
+                model,
+                [encoded[i] for i in rows],
+                max_new_tokens=num_tokens,
+                pad_id=int(pad_id),
+                stop=stop,
+                device=model_device(model),
+            )
+            for row, ids in zip(rows, generated, strict=True):
+                texts[row] = prompts[row] + tokenizer.decode(ids, skip_special_tokens=True)
+    return texts
 
 
 def document_frequency(tokenizer, texts: Sequence[str]) -> Counter:

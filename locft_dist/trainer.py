@@ -27,6 +27,7 @@ from locft_dist.batching import default_pass_cost, rank_chunks
 from locft_dist.compile import compiled_layers
 from locft_dist.config import TrainConfig
 from locft_dist.edits.encode import EncodedExample, collate, to_device
+from locft_dist.focus import above, focus_order, measure_losses
 from locft_dist.losses import forward_losses
 from locft_dist.optim import build_optimizer, lr_at
 from locft_dist.parallel.base import Strategy
@@ -62,6 +63,8 @@ class TrainResult:
     """Edits forwarded and backpropagated (the compute budget, comparable across pipelines)."""
     epoch_losses: list[float] = field(default_factory=list)
     """Mean loss of every finished epoch, including those run before a resume."""
+    focus_losses: list[float] = field(default_factory=list)
+    """Mean loss of every finished focus epoch (``train.focus_epochs``) over its examples."""
 
     @property
     def edits_per_second(self) -> float:
@@ -85,6 +88,30 @@ class TrainProgress:
     """Training time of the whole run so far, every attempt before a resume included."""
     num_edit_passes: int = 0
     """Edits forwarded and backpropagated in the whole run so far."""
+    focus_indices: list[int] | None = None
+    """The current focus epoch's examples in order (``train.focus_epochs``); None before the focus phase."""
+    focus_consumed: int = 0
+    """Examples of ``focus_indices`` already stepped on."""
+    focus_epochs_done: int = 0
+    focus_finished: bool = False
+    """Set when a focus epoch found no example above ``train.focus_loss``."""
+    focus_losses: list[float] = field(default_factory=list)
+    """Mean loss of every finished focus epoch."""
+    focus_partial_loss_sum: float = 0.0
+    focus_steps: int = 0
+    """Optimizer steps of the focus phase so far."""
+
+    @property
+    def in_focus(self) -> bool:
+        return self.focus_indices is not None
+
+    @property
+    def focus_epoch_ended(self) -> bool:
+        return self.focus_indices is not None and self.focus_consumed >= len(self.focus_indices)
+
+    def focus_pending(self, cfg: TrainConfig) -> bool:
+        """Whether focus steps remain (or a focus epoch's set is still to be measured)."""
+        return not self.focus_finished and self.focus_epochs_done < cfg.focus_epochs
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -158,10 +185,13 @@ def train_breadth_first(
     progress = progress or TrainProgress()
     total_steps = sampler.steps_per_epoch * cfg.epochs
     step = sampler.epoch * sampler.steps_per_epoch + (sampler.consumed % sampler.num_edits) // cfg.batch_size
+    step += progress.focus_steps  # the breadth-first epochs are over when the focus phase took steps
     lengths = [len(e.input_ids) for e in examples]
     pass_cost = cfg.micro_batch_pass_cost or default_pass_cost(torch.device(strategy.device).type)
     done = sampler.epoch >= cfg.epochs or _should_stop_early(cfg, progress)  # resumed after the last step
     remaining = 0 if done else max(cfg.epochs * sampler.num_edits - sampler.consumed, 0)
+    if progress.focus_pending(cfg):  # at most every example in every focus epoch
+        remaining += (cfg.focus_epochs - progress.focus_epochs_done) * len(examples)
     cache = None
     if cfg.prefix_cache:  # it logs why it is off when too few passes remain (none, after the last step)
         cache = build_prefix_cache(model, examples, strategy, cfg, pad_id, remaining_passes=remaining)
@@ -215,6 +245,130 @@ def train_breadth_first(
         if on_step_end is not None:
             on_step_end(done.step, step_sampler, progress)
 
+    def accumulate(indices: list[int], stats: EpochStats) -> torch.Tensor:
+        """Forward and backward of this rank's share of a global batch: its gradients accumulate, and the
+        batch's ``[loss sum, tokens]`` on this rank come back (not yet reduced)."""
+        strategy.zero_grad(optimizer)
+        batch_sums = torch.zeros(2, dtype=torch.float64, device=strategy.device)  # [loss, tokens]
+        chunks = rank_chunks(
+            indices,
+            strategy.rank,
+            strategy.world_size,
+            cfg.micro_batch_size,
+            lengths,
+            modulo_owner=fixed_ownership,
+            max_tokens=cfg.micro_batch_tokens,
+            pass_cost=pass_cost,
+        )
+        for chunk, weight in chunks:
+            if cache is not None:  # layers below the first trainable one ran once, before training
+                per_edit, inputs = cache.losses(model, chunk, examples, pad_id)
+            else:
+                inputs = to_device(collate([examples[i] for i in chunk], pad_id), strategy.device)
+                per_edit = forward_losses(model, inputs)  # CE or KL at target positions, x weight
+            per_edit = per_edit * weight
+            strategy.backward(per_edit.sum() / len(indices))
+            batch_sums[0] += per_edit.detach().double().sum()
+            real_tokens = sum(lengths[i] for i in chunk)  # from the host: no wait on the device here
+            batch_sums[1] += real_tokens * weight
+            stats.num_tokens += real_tokens * int(weight)
+            stats.num_padded_tokens += inputs["attention_mask"].numel()
+        return batch_sums
+
+    def focus_phase() -> None:
+        """``train.focus_epochs`` more epochs over the examples still above ``train.focus_loss``."""
+        nonlocal step
+        while progress.focus_pending(cfg):
+            if progress.focus_indices is None or progress.focus_epoch_ended:
+                candidates = list(range(len(examples)))  # a learned example can be unlearned again
+                losses = measure_losses(
+                    model,
+                    examples,
+                    candidates,
+                    strategy,
+                    pad_id,
+                    batch_size=cfg.batch_size,
+                    lengths=lengths,
+                    cache=cache,
+                    modulo_owner=fixed_ownership,
+                    max_tokens=cfg.micro_batch_tokens,
+                    pass_cost=pass_cost,
+                    micro_batch_size=cfg.micro_batch_size,
+                    progress=cfg.progress and strategy.is_main,
+                )
+                chosen = above(candidates, losses, cfg.focus_loss)
+                run_log.event(
+                    "focus_set",
+                    focus_epoch=progress.focus_epochs_done,
+                    measured=len(candidates),
+                    above=len(chosen),
+                    threshold=cfg.focus_loss,
+                )
+                logger.info(
+                    "focus epoch %d: %d of %d examples above loss %.3g",
+                    progress.focus_epochs_done,
+                    len(chosen),
+                    len(candidates),
+                    cfg.focus_loss,
+                )
+                if not chosen:
+                    progress.focus_finished = True
+                    progress.focus_indices = progress.focus_indices or []
+                    break
+                progress.focus_indices = focus_order(chosen, cfg.seed, progress.focus_epochs_done)
+                progress.focus_consumed = 0
+                progress.focus_partial_loss_sum = 0.0
+                bar.total += -(-len(chosen) // cfg.batch_size)
+                bar.refresh()
+            focus, focus_epoch = progress.focus_indices, progress.focus_epochs_done
+            stats = EpochStats(sampler.epoch + focus_epoch, 0.0, 0, 0, 0, 0.0)
+            epoch_start = time.perf_counter()
+            while progress.focus_consumed < len(focus):
+                indices = focus[progress.focus_consumed : progress.focus_consumed + cfg.batch_size]
+                batch_sums = accumulate(indices, stats)
+                loss_sum, _ = strategy.all_reduce_sum(batch_sums).tolist()
+                skipped = cfg.skip_loss_below is not None and loss_sum / len(indices) < cfg.skip_loss_below
+                if not skipped:
+                    strategy.optimizer_step(optimizer, cfg.lr, cfg.max_grad_norm)
+                step += 1
+                progress.focus_steps += 1
+                progress.focus_consumed += len(indices)
+                progress.focus_partial_loss_sum += loss_sum
+                progress.num_edit_passes += len(indices)
+                result.num_edit_passes += len(indices)
+                progress.seconds = seconds_before + time.perf_counter() - start
+                stats.num_steps += 1
+                stats.num_skipped_steps += int(skipped)
+                if progress.focus_consumed >= len(focus):
+                    progress.focus_losses.append(progress.focus_partial_loss_sum / len(focus))
+                    progress.focus_epochs_done += 1
+                run_log.event(
+                    "step",
+                    step=step,
+                    epoch=stats.epoch,
+                    loss=loss_sum / len(indices),
+                    lr=cfg.lr,
+                    skipped=skipped,
+                    batch_edits=len(indices),
+                    focus=True,
+                )
+                bar.set_postfix(focus=focus_epoch, loss=f"{loss_sum / len(indices):.4f}")
+                bar.update(1)
+                if on_step_end is not None:
+                    on_step_end(step, sampler, progress)
+            stats.mean_loss = progress.focus_losses[-1]
+            stats.seconds = time.perf_counter() - epoch_start
+            result.epochs.append(stats)
+            run_log.event("epoch", focus=True, **stats.__dict__)
+            logger.info(
+                "focus epoch %d: mean loss %.4f over %d examples, %d steps, %.1fs",
+                focus_epoch,
+                stats.mean_loss,
+                len(focus),
+                stats.num_steps,
+                stats.seconds,
+            )
+
     with compiled_layers(model, cfg.compile):  # the layers training runs, fused (train.compile)
         while sampler.epoch < cfg.epochs and not _should_stop_early(cfg, progress):
             epoch = sampler.epoch
@@ -222,31 +376,7 @@ def train_breadth_first(
             stats = EpochStats(epoch, 0.0, 0, 0, 0, 0.0)
             pending: _StepEnd | None = None
             for batch in sampler.epoch_batches():
-                strategy.zero_grad(optimizer)
-                batch_sums = torch.zeros(2, dtype=torch.float64, device=strategy.device)  # [loss, tokens]
-                chunks = rank_chunks(
-                    batch.indices,
-                    strategy.rank,
-                    strategy.world_size,
-                    cfg.micro_batch_size,
-                    lengths,
-                    modulo_owner=fixed_ownership,
-                    max_tokens=cfg.micro_batch_tokens,
-                    pass_cost=pass_cost,
-                )
-                for chunk, weight in chunks:
-                    if cache is not None:  # layers below the first trainable one ran once, before training
-                        per_edit, inputs = cache.losses(model, chunk, examples, pad_id)
-                    else:
-                        inputs = to_device(collate([examples[i] for i in chunk], pad_id), strategy.device)
-                        per_edit = forward_losses(model, inputs)  # CE or KL at target positions, x weight
-                    per_edit = per_edit * weight
-                    strategy.backward(per_edit.sum() / len(batch.indices))
-                    batch_sums[0] += per_edit.detach().double().sum()
-                    real_tokens = sum(lengths[i] for i in chunk)  # from the host: no wait on the device here
-                    batch_sums[1] += real_tokens * weight
-                    stats.num_tokens += real_tokens * int(weight)
-                    stats.num_padded_tokens += inputs["attention_mask"].numel()
+                batch_sums = accumulate(batch.indices, stats)
                 if pending is not None:  # the previous step's bookkeeping, while this step runs on the device
                     finish(pending)
                     pending = None
@@ -277,19 +407,21 @@ def train_breadth_first(
                 stats.num_skipped_steps,
                 stats.seconds,
             )
-    if _should_stop_early(cfg, progress) and sampler.epoch < cfg.epochs:
-        result.stopped_early = True
-        logger.info(
-            "epoch mean loss %.4g < early_stop_loss %.4g: stopped after %d epochs",
-            progress.epoch_losses[-1],
-            cfg.early_stop_loss,
-            sampler.epoch,
-        )
+        if _should_stop_early(cfg, progress) and sampler.epoch < cfg.epochs:
+            result.stopped_early = True
+            logger.info(
+                "epoch mean loss %.4g < early_stop_loss %.4g: stopped after %d epochs",
+                progress.epoch_losses[-1],
+                cfg.early_stop_loss,
+                sampler.epoch,
+            )
+        focus_phase()
     bar.close()
     if offload is not None:  # evaluation and the caller need the whole model
         offload.restore()
     result.num_steps = step
     result.epoch_losses = list(progress.epoch_losses)
+    result.focus_losses = list(progress.focus_losses)
     result.seconds = time.perf_counter() - start
     return result
 

@@ -42,6 +42,9 @@ def test_unknown_key_suggests_the_closest(tmp_path):
         ("locate.layers=[]", r"'locate\.layers' must name at least one layer"),
         ("train.lr", r"must look like key=value"),
         ("train.betas=[0.9]", r"'train\.betas' must be two numbers"),
+        ("train.focus_epochs=-1", r"'train\.focus_epochs' must be >= 0"),
+        ("train.focus_loss=0", r"'train\.focus_loss' must be positive"),
+        ("locate.common_generated_tokens=-2", r"'locate\.common_generated_tokens' must be >= 0"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

@@ -307,3 +307,28 @@ def _formats_md_recipe() -> str:
     after = text[text.index("Applying it with nothing but transformers and safetensors:") :]
     start = after.index("```python\n") + len("```python\n")
     return after[start : after.index("```", start)]
+
+
+def test_tokens_the_model_writes_count_as_common_with_generated_continuations(world_model):
+    """A subject token that the unedited model writes in its answers (a year, a nationality) is common
+    once the reference counts the model's continuations, though no reference prompt contains it."""
+    from locft_dist.subject_rows import with_continuations
+
+    model, tokenizer = world_model.load()
+    facts = world_model.world.facts[:6]
+    prompts = [world_model.world.prompt(f) for f in facts]
+    texts = with_continuations(model, tokenizer, prompts, 3, batch_size=4)
+    for prompt, text in zip(prompts, texts, strict=True):  # left-padded batches decode as one prompt alone
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            for _ in range(3):
+                ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
+        assert text == prompt + tokenizer.decode(ids[0, -3:], skip_special_tokens=True)
+    answer = facts[0].object  # the model knows its facts: its continuation names the object
+    assert answer in texts[0]
+    request = EditRequest(f"The founder of {answer} is", "Ulla Pemberton", subject=answer)
+    from_prompts = _rows(tokenizer, [request], prompts)
+    from_texts = _rows(tokenizer, [request], texts)
+    answer_ids = set(subject_token_ids(tokenizer, request.prompt, answer))
+    assert from_prompts.edits_on_rarest == 0 and set(from_prompts.rows) == answer_ids
+    assert from_texts.edits_on_rarest == 1, "every token of the answer is in the model's continuations"

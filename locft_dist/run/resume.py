@@ -130,14 +130,18 @@ def train_resumable(
         stop = signals.should_stop(
             strategy.all_reduce_max, device=strategy.device if strategy.world_size > 1 else "cpu"
         )
-        epoch_end = sampler.consumed % sampler.num_edits == 0
-        if epoch_end:
+        if progress.in_focus:
+            epoch_end = progress.focus_epoch_ended
+            label = f"at the end of focus epoch {progress.focus_epochs_done - 1}"
+        else:
+            epoch_end = sampler.consumed % sampler.num_edits == 0
             label = f"at the end of epoch {sampler.epoch - 1}"
+        if epoch_end:
             run_log.event("peak_memory", step=step, **log_memory(label, strategy.device))
         # Epoch-end saves are spaced by checkpoint_min_minutes and skipped after the last step, where the
         # delta is written next and a rerun finds the run finished. Saving is collective: ranks agree.
         epoch_save = False
-        if not every and epoch_end and step < final_step:
+        if not every and epoch_end and (step < final_step or progress.focus_pending(cfg.train)):
             due = torch.tensor([float(time.monotonic() - last_save >= min_seconds)])
             epoch_save = bool(strategy.all_reduce_max(due).item())
         if stop or (every and step % every == 0) or epoch_save:
