@@ -381,7 +381,12 @@ def _restrict_to_subject_rows(
     if cfg.locate.common_generated_tokens:  # the tokens the unedited model writes count as common too
         started = time.perf_counter()
         reference = with_continuations(
-            model, tokenizer, reference, cfg.locate.common_generated_tokens, batch_size=cfg.augment.batch_size
+            model,
+            tokenizer,
+            reference,
+            cfg.locate.common_generated_tokens,
+            batch_size=cfg.augment.batch_size,
+            progress=cfg.train.progress,
         )
         logger.info(
             "common text: the model's %d-token continuations of %d prompts, %.1fs",

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from locft_dist.edits.schema import EditRequest
 from locft_dist.errors import EditDataError
@@ -56,7 +57,13 @@ def subject_token_ids(tokenizer, prompt: str, subject: str) -> list[int]:
 
 @torch.no_grad()
 def with_continuations(
-    model: nn.Module, tokenizer, prompts: Sequence[str], num_tokens: int, *, batch_size: int = 64
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    num_tokens: int,
+    *,
+    batch_size: int = 64,
+    progress: bool = False,
 ) -> list[str]:
     """Each prompt followed by the model's greedy continuation of ``num_tokens`` tokens (up to EOS): text
     that also holds the tokens the model generates, for counting which tokens are common."""
@@ -72,7 +79,8 @@ def with_continuations(
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths pad least
     texts = list(prompts)
     with eval_mode(model):
-        for start in range(0, len(order), batch_size):
+        starts = range(0, len(order), batch_size)
+        for start in tqdm(starts, desc="common text: continuations", unit="batch", disable=not progress):
             rows = order[start : start + batch_size]
             generated = greedy_generate(
                 model,

@@ -318,8 +318,9 @@ def train_breadth_first(
                 progress.focus_indices = focus_order(chosen, cfg.seed, progress.focus_epochs_done)
                 progress.focus_consumed = 0
                 progress.focus_partial_loss_sum = 0.0
-                bar.total += -(-len(chosen) // cfg.batch_size)
-                bar.refresh()
+            left = len(progress.focus_indices) - progress.focus_consumed
+            bar.total = max(bar.total, step + -(-left // cfg.batch_size))  # what is left of this focus epoch
+            bar.refresh()
             focus, focus_epoch = progress.focus_indices, progress.focus_epochs_done
             stats = EpochStats(sampler.epoch + focus_epoch, 0.0, 0, 0, 0, 0.0)
             epoch_start = time.perf_counter()

@@ -332,3 +332,38 @@ def test_tokens_the_model_writes_count_as_common_with_generated_continuations(wo
     answer_ids = set(subject_token_ids(tokenizer, request.prompt, answer))
     assert from_prompts.edits_on_rarest == 0 and set(from_prompts.rows) == answer_ids
     assert from_texts.edits_on_rarest == 1, "every token of the answer is in the model's continuations"
+
+
+def test_a_run_with_generated_common_text_tunes_the_rows_it_leaves(world_model, tmp_path):
+    """``locft edit`` with locate.common_generated_tokens: the rows it logs and moves are those the model's
+    continuations leave uncommon (a subject the model writes about keeps only its rarest token)."""
+    from locft_dist.subject_rows import with_continuations
+
+    model, tokenizer = world_model.load()
+    facts = world_model.world.facts[:8]
+    common_prompts = [world_model.world.prompt(f) for f in facts]
+    answer = facts[0].object
+    requests = [EditRequest(f"The founder of {answer} is", "Ulla Pemberton", subject=answer), *EDITS]
+    edits, common = tmp_path / "edits.jsonl", tmp_path / "common.txt"
+    write_jsonl(requests, edits)
+    common.write_text("\n".join(common_prompts) + "\n")
+    settings = ("train.epochs=2", "train.batch_size=4", "eval.enabled=false", "augment.batch_size=3")
+    run_dir = tmp_path / "run"
+    run_edit(
+        load_config(
+            None,
+            _subject_run(
+                world_model.model_dir, edits, common, run_dir, "locate.common_generated_tokens=3", *settings
+            ),
+        )
+    )
+    setup = next(
+        json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if '"setup"' in line
+    )
+    texts = with_continuations(model, tokenizer, common_prompts, 3)
+    expected = _rows(tokenizer, requests, texts)
+    assert setup["subject_rows"]["rows"] == len(expected.rows)
+    assert setup["subject_rows"]["edits_on_rarest"] == expected.edits_on_rarest >= 1
+    moved = read_delta(run_dir / "delta.safetensors").tensors["model.embed_tokens.weight"]
+    assert set(moved.ne(0).any(dim=1).nonzero().flatten().tolist()) <= set(expected.rows)
+    assert expected.rows != _rows(tokenizer, requests, common_prompts).rows
