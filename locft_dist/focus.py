@@ -12,7 +12,6 @@ resumed run repeats the same batches.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
 import torch
@@ -23,12 +22,12 @@ from locft_dist.batching import rank_chunks
 from locft_dist.edits.encode import EncodedExample, collate, to_device
 from locft_dist.losses import forward_losses
 from locft_dist.parallel.base import Strategy
+from locft_dist.sampler import labelled_generator
 
 
 def focus_order(indices: Sequence[int], seed: int, focus_epoch: int) -> list[int]:
     """The examples of focus epoch ``focus_epoch`` in their seeded order (a permutation of ``indices``)."""
-    digest = hashlib.sha256(f"locft-focus:{seed}:{focus_epoch}".encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    generator = labelled_generator(f"locft-focus:{seed}:{focus_epoch}")
     return [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
 
 

@@ -19,19 +19,22 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 
+def labelled_generator(label: str) -> torch.Generator:
+    """A torch generator seeded by a hash of ``label``: independent streams for independent labels."""
+    digest = hashlib.sha256(label.encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
 def epoch_permutation(num_edits: int, seed: int, epoch: int) -> list[int]:
     """The global order of epoch ``epoch``: a permutation of range(num_edits) seeded by (seed, epoch)."""
-    digest = hashlib.sha256(f"locft-order:{seed}:{epoch}".encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    return torch.randperm(num_edits, generator=generator).tolist()
+    return torch.randperm(num_edits, generator=labelled_generator(f"locft-order:{seed}:{epoch}")).tolist()
 
 
 def replay_draw(pool_size: int, per_epoch: int, seed: int, epoch: int) -> list[int]:
     """Pool indices replayed in epoch ``epoch``: ``per_epoch`` distinct ones by (seed, epoch), sorted."""
     if per_epoch >= pool_size:
         return list(range(pool_size))
-    digest = hashlib.sha256(f"locft-replay:{seed}:{epoch}".encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    generator = labelled_generator(f"locft-replay:{seed}:{epoch}")
     return sorted(torch.randperm(pool_size, generator=generator)[:per_epoch].tolist())
 
 

@@ -67,6 +67,7 @@ def with_continuations(
 ) -> list[str]:
     """Each prompt followed by the model's greedy continuation of ``num_tokens`` tokens (up to EOS): text
     that also holds the tokens the model generates, for counting which tokens are common."""
+    from locft_dist.edits.encode import pad_token_id
     from locft_dist.eval.generate import greedy_generate, model_eos_ids
     from locft_dist.eval.passes import eval_mode, model_device
 
@@ -74,8 +75,8 @@ def with_continuations(
     stop = torch.zeros(vocab_size, dtype=torch.bool)
     for eos in {tokenizer.eos_token_id, *model_eos_ids(model)} - {None}:
         stop[int(eos)] = True
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] or [int(pad_id)] for p in prompts]
+    pad_id = pad_token_id(tokenizer)
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] or [pad_id] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths pad least
     texts = list(prompts)
     with eval_mode(model):
@@ -86,7 +87,7 @@ def with_continuations(
                 model,
                 [encoded[i] for i in rows],
                 max_new_tokens=num_tokens,
-                pad_id=int(pad_id),
+                pad_id=pad_id,
                 stop=stop,
                 device=model_device(model),
             )
