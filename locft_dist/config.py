@@ -146,6 +146,9 @@ class TrainConfig:
     """torch.compile the decoder layers training runs (the first trainable one and above), one compile for
     all: fuses each block's elementwise work (norms, rotary, SwiGLU). A one-time compile of tens of seconds,
     repaid on long GPU runs (docs/performance.md). One process (dist.strategy none) only."""
+    fused_norm: bool | None = None
+    """Run Llama-family RMSNorms (Llama, Mistral, Qwen2/3, Phi-3) as one fused kernel each during training,
+    same formula (docs/performance.md: 7% of an 8B step on a GPU). null: on a GPU, off on CPU."""
 
 
 @dataclass(kw_only=True)

@@ -28,6 +28,7 @@ from locft_dist.compile import compiled_layers
 from locft_dist.config import TrainConfig
 from locft_dist.edits.encode import EncodedExample, collate, to_device
 from locft_dist.focus import above, focus_order, measure_losses
+from locft_dist.fused_norm import fused_norm_enabled, fused_rms_norms
 from locft_dist.losses import forward_losses
 from locft_dist.optim import build_optimizer, lr_at
 from locft_dist.parallel.base import Strategy
@@ -178,7 +179,38 @@ def train_breadth_first(
     run_log: RunLog | None = None,
     on_step_end: StepHook | None = None,
 ) -> TrainResult:
-    """LocFT-BF over ``examples``; ``sampler``/``optimizer``/``progress`` come from a checkpoint to resume."""
+    """LocFT-BF over ``examples``; ``sampler``/``optimizer``/``progress`` come from a checkpoint to resume.
+
+    Every pass it makes (the prefix-cache fill, training, the focus phase's measuring) runs the model's
+    RMSNorms fused where ``train.fused_norm`` says so."""
+    with fused_rms_norms(model, fused_norm_enabled(cfg.fused_norm, strategy.device)):
+        return _breadth_first(
+            model,
+            examples,
+            strategy,
+            cfg,
+            pad_id,
+            sampler=sampler,
+            optimizer=optimizer,
+            progress=progress,
+            run_log=run_log,
+            on_step_end=on_step_end,
+        )
+
+
+def _breadth_first(
+    model: nn.Module,
+    examples: Sequence[EncodedExample],
+    strategy: Strategy,
+    cfg: TrainConfig,
+    pad_id: int,
+    *,
+    sampler: BreadthFirstSampler | None,
+    optimizer: torch.optim.Optimizer | None,
+    progress: TrainProgress | None,
+    run_log: RunLog | None,
+    on_step_end: StepHook | None,
+) -> TrainResult:
     run_log = run_log or RunLog(None)
     optimizer = optimizer or strategy.build_optimizer(model, cfg)
     sampler = sampler or BreadthFirstSampler(len(examples), cfg.batch_size, cfg.seed)
