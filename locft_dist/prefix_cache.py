@@ -247,9 +247,12 @@ class PrefixCache:
         """
         owned = self.owned(len(examples))
         lengths = [len(e.input_ids) for e in examples]
-        chunks = length_sorted_chunks(owned, lengths, micro)
+        # longest first: the device's memory pool grows once, to the largest activations, and the shorter
+        # chunks reuse those blocks (shortest first would allocate anew at nearly every new length)
+        ascending = length_sorted_chunks(owned, lengths, micro)
+        chunks = ascending[::-1]
         num_chunks = math.ceil(math.ceil(len(examples) / self.world_size) / micro)
-        probe = [examples[i] for i in chunks[0][:SELF_CHECK_EDITS]]
+        probe = [examples[i] for i in ascending[0][:SELF_CHECK_EDITS]]
         if check(not self._self_check(model, probe, pad_id)):
             return False
         for position in range(num_chunks):

@@ -165,3 +165,15 @@ def test_the_device_budget_defaults_to_a_share_of_free_memory(monkeypatch):
     assert device_budget_bytes(cuda, None) == int(DEVICE_FREE_FRACTION * 8 * 2**30)
     assert device_budget_bytes(cuda, 1.5) == int(1.5 * 2**30)
     assert device_budget_bytes(torch.device("cpu"), None) is None  # all rows in host memory
+
+
+def test_the_fill_runs_its_longest_chunk_first(tiny_tokenizer):
+    """Longest first: the memory pool grows once, to the largest activations (a GPU's one-time cost)."""
+    examples = examples_for(tiny_tokenizer, n=12)
+    model, _ = setup(tiny_tokenizer, layers=(-1,))
+    widths = []
+    model.model.layers[0].register_forward_hook(lambda m, a, o: widths.append(a[0].shape[1]))
+    cache = PrefixCache(model, 2, rank=0, world_size=1, device=torch.device("cpu"))
+    assert cache.fill(model, examples, pad_id=0, micro=3, check=lambda bad: bad)
+    fill_widths = widths[2:]  # after the self-check's two passes
+    assert len(set(fill_widths)) > 1 and fill_widths == sorted(fill_widths, reverse=True)
