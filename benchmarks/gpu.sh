@@ -4,7 +4,8 @@
 #     benchmarks/gpu.sh OUT_DIR [SMOLLM2_DIR] [DATA_DIR]
 #
 # 1. `locft bench` at the Llama-3-8B shape (bf16, the authors' layer 22) and on a 24-layer slice of the
-#    Qwen2.5-72B shape (layer 16): random weights of the real layer shapes, nothing downloaded.
+#    Qwen2.5-72B shape (layer 16): random weights of the real layer shapes, nothing downloaded; locft-dist's
+#    loop twice (the second without the process's one-time GPU set-up).
 # 2. `locft bench --model` on SmolLM2-135M with real CounterFact edits encoded by its tokenizer, its last
 #    layer, bf16 and fp32. SMOLLM2_DIR defaults to the real-model cache; a directory holding only its
 #    config and tokenizer gets random weights of that architecture (the speed does not depend on them).
@@ -39,9 +40,9 @@ $py -c "import torch, transformers; print('torch', torch.__version__, 'transform
 torch.cuda.get_device_name())" 2>&1 | tee -a "$log"
 
 step bench_8b 150 $py -m locft_dist.cli bench --device cuda --shape llama3-8b --dtype bfloat16 --layer 22 \
-    --num-edits 2000 --epochs 5 --batch-size 100 --json "$out/bench_8b.json"
+    --num-edits 2000 --epochs 5 --batch-size 100 --repeat 2 --json "$out/bench_8b.json"
 step bench_72b_slice 200 $py -m locft_dist.cli bench --device cuda --shape qwen2.5-72b --num-layers 24 \
-    --layer 16 --dtype bfloat16 --num-edits 1000 --epochs 5 --batch-size 100 --json "$out/bench_72b.json"
+    --layer 16 --dtype bfloat16 --num-edits 1000 --epochs 5 --batch-size 100 --repeat 2 --json "$out/bench_72b.json"
 
 if [[ ! -f "$smol/model.safetensors" ]]; then
     echo "=== $smol holds no weights: SmolLM2's architecture and tokenizer with random weights" | tee -a "$log"

@@ -243,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--seed", type=int, default=0)
     be.add_argument("--no-naive", action="store_true", help="time locft-dist only")
     be.add_argument("--compile", action="store_true", help="train.compile: locft-dist's layers run compiled")
+    be.add_argument(
+        "--no-fused-norm", action="store_true", help="train.fused_norm=false: the model's own RMSNorm"
+    )
+    be.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run locft-dist's loop N times in the process (later runs: without one-time GPU warm-up)",
+    )
     be.add_argument("--json", dest="json_out", help="also write the numbers here")
 
     rp = sub.add_parser(
@@ -304,6 +313,8 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         seed=args.seed,
         naive=not args.no_naive,
         compile=args.compile,
+        repeats=args.repeat,
+        fused_norm=False if args.no_fused_norm else None,
         model_dir=args.model_dir,
         edits=args.edits,
         skip_invalid=args.skip_invalid,

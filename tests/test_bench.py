@@ -108,3 +108,17 @@ def test_profile_bench_takes_the_bench_options_and_reports_the_profiled_epochs(c
     )
     out = capsys.readouterr().out
     assert out.startswith("2 profiled epochs: wall ") and "aten::mm" in out
+
+
+def test_repeated_runs_start_from_the_same_weights(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--num-layers", "3", "--num-edits", "16", "--epochs", "2", "--batch-size", "8"]
+    assert main([*args, "--repeat", "2", "--no-fused-norm", "--json", str(out)]) == 0
+    assert "run 2" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    naive, first, second = report["loops"]
+    assert [loop["name"] for loop in report["loops"]] == ["naive", "locft-dist", "run 2"]
+    assert report["config"]["fused_norm"] is False and report["config"]["repeats"] == 2
+    assert first["final_loss"] == second["final_loss"]  # the same start, so the same end
+    assert abs(first["final_loss"] - naive["final_loss"]) < 1e-4
+    assert report["speedup"] == naive["seconds"] / first["seconds"]
