@@ -79,6 +79,10 @@ class LocateConfig:
     common_generated_tokens: int = 0
     """subject_embeddings: count as common text also the unedited model's greedy continuation of each
     common-text prompt, this many tokens (0: prompts only); catches tokens it writes often (digits)."""
+    tune_sequence_start: bool = True
+    """subject_embeddings: tune a subject token that opens the model's input (a prompt starting with the
+    subject, no BOS or chat turn before it) even where the subject has another uncommon token. false:
+    leave that first position, where attention sinks, alone then (docs/editing_quality.md)."""
 
 
 @dataclass(kw_only=True)

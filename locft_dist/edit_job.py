@@ -37,6 +37,7 @@ from locft_dist.runlog import RunLog, setup_logging
 from locft_dist.subject_rows import (
     SubjectRows,
     choose_subject_rows,
+    prompts_open_the_sequence,
     restrict_to_rows,
     untie_output_layer,
     with_continuations,
@@ -401,6 +402,8 @@ def _restrict_to_subject_rows(
         max_share=cfg.locate.common_token_share,
         source=str(cfg.edits.path),
         other_prompts=wordings,
+        avoid_sequence_start=not cfg.locate.tune_sequence_start
+        and prompts_open_the_sequence(tokenizer, Encoding.from_config(cfg.edits)),
     )
     (name, weight), *others = trainable
     assert not others, "subject embeddings train one tensor"
@@ -409,12 +412,14 @@ def _restrict_to_subject_rows(
     if untied is not None:
         chosen = replace(chosen, untied_output=untied)
     logger.info(
-        "subject embeddings: %d rows of %s (%d tokens common in %s; %d edits on their rarest token)",
+        "subject embeddings: %d rows of %s (%d tokens common in %s; %d edits on their rarest token; %d "
+        "tokens that open a prompt left alone)",
         len(chosen.rows),
         name,
         chosen.common_tokens,
         reference_path,
         chosen.edits_on_rarest,
+        chosen.sequence_start_tokens,
     )
     return chosen
 

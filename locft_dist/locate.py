@@ -78,7 +78,7 @@ PRESETS["smollm2-135m-subjects"] = {
     "train.epochs": 25,
     "train.optimizer": "adam",
     "train.early_stop_loss": 0.01,
-    "train.focus_epochs": 10,
+    "train.focus_epochs": 20,
     "train.focus_loss": 0.1,
     "augment.paraphrases": 2,
     "augment.paraphrase_tokens": 10,
@@ -90,7 +90,7 @@ trained in two other wordings of each edit's relation (``augment.wordings_path``
 CounterFact's) and under two pseudo-paraphrase prefixes; common tokens are told from a subject's own by
 ``locate.common_text_path`` (default ``augment.locality_path``) and the unedited model's 24-token
 continuations of those prompts (digits and nationalities it writes would carry edits into its answers);
-ten focus epochs after the 25 train the examples still above loss 0.1. One process."""
+twenty focus epochs after the 25 train the examples still above loss 0.1. One process."""
 
 
 @dataclass(frozen=True)

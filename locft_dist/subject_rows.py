@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from locft_dist.edits.encode import Encoding, render_prompt
 from locft_dist.edits.schema import EditRequest
 from locft_dist.errors import EditDataError
 from locft_dist.locate import Location
@@ -44,15 +45,29 @@ UNTIED_OUTPUT = "locft.untied_output"
 the input embedding's base weight, so the delta's embedding rows must not move the output logits."""
 
 
-def subject_token_ids(tokenizer, prompt: str, subject: str) -> list[int]:
-    """Ids of the prompt's tokens that overlap the subject's first occurrence (empty if it is absent)."""
+def subject_token_positions(tokenizer, prompt: str, subject: str) -> list[tuple[int, int]]:
+    """(position among the prompt's tokens, id) of the tokens that overlap the subject's first occurrence
+    (empty if it is absent)."""
     start = prompt.find(subject) if subject else -1
     if start < 0:
         return []
     end = start + len(subject)
     encoded = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=False)
-    spans = zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
-    return [token for token, (first, last) in spans if first < end and last > start]
+    spans = enumerate(zip(encoded["input_ids"], encoded["offset_mapping"], strict=True))
+    return [(position, token) for position, (token, (first, last)) in spans if first < end and last > start]
+
+
+def subject_token_ids(tokenizer, prompt: str, subject: str) -> list[int]:
+    """Ids of the prompt's tokens that overlap the subject's first occurrence (empty if it is absent)."""
+    return [token for _, token in subject_token_positions(tokenizer, prompt, subject)]
+
+
+def prompts_open_the_sequence(tokenizer, encoding: Encoding) -> bool:
+    """Whether a prompt's first token is the first token the model reads: no BOS and no chat turn before it
+    (SmolLM2 in plain completion; not Llama-3, whose tokenizer adds a BOS, nor any chat rendering)."""
+    probe = "Paris is the capital of"
+    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    return render_prompt(tokenizer, [probe], encoding)[0][: len(bare)] == bare
 
 
 @torch.no_grad()
@@ -112,6 +127,8 @@ class SubjectRows:
     common_tokens: int
     edits_on_rarest: int
     """Edits whose subject had only common tokens and keeps its rarest one."""
+    sequence_start_tokens: int = 0
+    """Tokens left untuned because they open a prompt (``locate.tune_sequence_start=false``)."""
     untied_output: dict[str, str] | None = None
     """Set when the run untied a tied output layer (``untie_output_layer``)."""
 
@@ -120,6 +137,7 @@ class SubjectRows:
             "rows": len(self.rows),
             "common_tokens": self.common_tokens,
             "edits_on_rarest": self.edits_on_rarest,
+            "sequence_start_tokens": self.sequence_start_tokens,
             "untied_output": self.untied_output,
         }
 
@@ -136,40 +154,51 @@ def choose_subject_rows(
     max_share: float,
     source: str = "edits",
     other_prompts: Sequence[Sequence[str]] | None = None,
+    avoid_sequence_start: bool = False,
 ) -> SubjectRows:
     """The input-embedding rows of the edited subjects' tokens, less those common in ``reference``.
 
     ``other_prompts`` are more prompts each edit trains in (``augment.wordings``): the subject's tokens in
     them count too (a subject that opens a sentence is tokenized without its leading space), each prompt
-    keeping at least its rarest one.
+    keeping at least its rarest one. ``avoid_sequence_start``: a token that opens any of these prompts
+    (the model's first position, where attention sinks) is tuned only for a prompt whose subject has no
+    other uncommon token.
     Raises ``EditDataError`` naming the edit when a record has no subject or its prompt does not contain it.
     """
     frequency = document_frequency(tokenizer, reference)
     limit = max_share * len(reference)
     common = sum(1 for count in frequency.values() if count > limit)
-    rows: set[int] = set()
-    on_rarest = 0
+    prompts: list[list[list[tuple[int, int]]]] = []  # per edit, per prompt: the subject's (position, id)
     for index, request in enumerate(requests):
         if not request.subject:
             raise EditDataError(
                 f"{source}: edit {index} ({request.prompt!r}): field 'subject' is missing; "
                 "locate.subject_embeddings tunes the subject's tokens"
             )
-        ids = subject_token_ids(tokenizer, request.prompt, request.subject)
-        if not ids:
+        spans = subject_token_positions(tokenizer, request.prompt, request.subject)
+        if not spans:
             raise EditDataError(
                 f"{source}: edit {index}: field 'subject' ({request.subject!r}) does not occur in field "
                 f"'prompt' ({request.prompt!r})"
             )
-        kept = _uncommon(ids, frequency, limit)
-        if not kept:
-            on_rarest += 1
-        rows.update(kept or [_rarest(ids, frequency)])
-        for prompt in other_prompts[index] if other_prompts else ():
-            ids = subject_token_ids(tokenizer, prompt, request.subject)
-            if ids:
-                rows.update(_uncommon(ids, frequency, limit) or [_rarest(ids, frequency)])
-    return SubjectRows(tuple(sorted(rows)), common, on_rarest)
+        more = other_prompts[index] if other_prompts else ()
+        found = (subject_token_positions(tokenizer, prompt, request.subject) for prompt in more)
+        prompts.append([spans, *(other for other in found if other)])
+    starts = (
+        {spans[0][1] for edit in prompts for spans in edit if spans[0][0] == 0}
+        if avoid_sequence_start
+        else set()
+    )
+    rows: set[int] = set()
+    on_rarest = 0
+    for edit in prompts:
+        for number, spans in enumerate(edit):
+            ids = [token for _, token in spans]
+            kept = _uncommon(ids, frequency, limit)
+            if number == 0 and not kept:
+                on_rarest += 1
+            rows.update([token for token in kept if token not in starts] or kept or [_rarest(ids, frequency)])
+    return SubjectRows(tuple(sorted(rows)), common, on_rarest, len(starts - rows))
 
 
 def _uncommon(ids: Sequence[int], frequency: Counter, limit: float) -> list[int]:

@@ -367,3 +367,59 @@ def test_a_run_with_generated_common_text_tunes_the_rows_it_leaves(world_model, 
     moved = read_delta(run_dir / "delta.safetensors").tensors["model.embed_tokens.weight"]
     assert set(moved.ne(0).any(dim=1).nonzero().flatten().tolist()) <= set(expected.rows)
     assert expected.rows != _rows(tokenizer, requests, common_prompts).rows
+
+
+def test_a_token_that_opens_a_prompt_is_left_alone_where_the_subject_has_another(tiny_tokenizer):
+    """locate.tune_sequence_start=false: the first position (where attention sinks) keeps its row unless
+    the subject has nothing else to tune."""
+    opening = [EDITS[0], EDITS[2]]  # subjects that open their prompts
+    first = {tiny_tokenizer(e.prompt, add_special_tokens=False)["input_ids"][0] for e in opening}
+    tuned = set(_rows(tiny_tokenizer, opening).rows)
+    assert first <= tuned  # by default they are tuned (they are not common in the reference)
+    avoided = choose_subject_rows(
+        tiny_tokenizer, opening, UNRELATED, max_share=0.0, avoid_sequence_start=True
+    )
+    assert set(avoided.rows) == tuned - first and avoided.sequence_start_tokens == len(first)
+    # a subject of one token that opens its prompt keeps that token: the edit needs a row
+    opener = tiny_tokenizer.decode(tiny_tokenizer(EDITS[0].prompt, add_special_tokens=False)["input_ids"][:1])
+    alone = EditRequest(EDITS[0].prompt, "Baltholm", subject=opener)
+    assert len(subject_token_ids(tiny_tokenizer, alone.prompt, opener)) == 1
+    kept = choose_subject_rows(tiny_tokenizer, [alone], UNRELATED, max_share=0.0, avoid_sequence_start=True)
+    assert kept.rows == tuple(subject_token_ids(tiny_tokenizer, alone.prompt, opener))
+    assert kept.sequence_start_tokens == 0
+
+
+def test_prompts_open_the_sequence_in_plain_completion_only(real_model_dir):
+    from locft_dist.edits.encode import Encoding
+    from locft_dist.subject_rows import prompts_open_the_sequence
+
+    tokenizer = load_tokenizer(real_model_dir)  # SmolLM2: no BOS in plain completion
+    assert prompts_open_the_sequence(tokenizer, Encoding())
+    assert not prompts_open_the_sequence(tokenizer, Encoding(chat_template="auto"))  # a user turn first
+
+
+def test_a_run_that_leaves_the_sequence_start_alone_moves_only_the_rows_it_logs(world_model, tmp_path):
+    from locft_dist.edits.encode import Encoding
+    from locft_dist.subject_rows import prompts_open_the_sequence
+
+    _, tokenizer = world_model.load()
+    assert prompts_open_the_sequence(tokenizer, Encoding())  # this tokenizer adds no BOS
+    edits, common = tmp_path / "edits.jsonl", tmp_path / "common.txt"
+    write_jsonl(EDITS, edits)
+    common.write_text("\n".join(UNRELATED) + "\n")
+    settings = (
+        "locate.tune_sequence_start=false",
+        "train.epochs=2",
+        "train.batch_size=4",
+        "eval.enabled=false",
+    )
+    run_dir = tmp_path / "run"
+    run_edit(load_config(None, _subject_run(world_model.model_dir, edits, common, run_dir, *settings)))
+    setup = next(
+        json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if '"setup"' in line
+    )
+    expected = choose_subject_rows(tokenizer, EDITS, UNRELATED, max_share=0.0, avoid_sequence_start=True)
+    assert setup["subject_rows"]["sequence_start_tokens"] == expected.sequence_start_tokens == 2
+    assert setup["subject_rows"]["rows"] == len(expected.rows)
+    moved = read_delta(run_dir / "delta.safetensors").tensors["model.embed_tokens.weight"]
+    assert set(moved.ne(0).any(dim=1).nonzero().flatten().tolist()) <= set(expected.rows)
