@@ -128,7 +128,8 @@ class SubjectRows:
     edits_on_rarest: int
     """Edits whose subject had only common tokens and keeps its rarest one."""
     sequence_start_tokens: int = 0
-    """Tokens left untuned because they open a prompt (``locate.tune_sequence_start=false``)."""
+    """Rows the default choice tunes and this one leaves alone because they open a prompt
+    (``locate.tune_sequence_start=false``)."""
     untied_output: dict[str, str] | None = None
     """Set when the run untied a tied output layer (``untie_output_layer``)."""
 
@@ -189,6 +190,16 @@ def choose_subject_rows(
         if avoid_sequence_start
         else set()
     )
+    rows, on_rarest = _pick_rows(prompts, frequency, limit, starts)
+    left_alone = len(_pick_rows(prompts, frequency, limit, set())[0] - rows) if starts else 0
+    return SubjectRows(tuple(sorted(rows)), common, on_rarest, left_alone)
+
+
+def _pick_rows(
+    prompts: list[list[list[tuple[int, int]]]], frequency: Counter, limit: float, starts: set[int]
+) -> tuple[set[int], int]:
+    """Each prompt's uncommon subject tokens, less ``starts`` where others remain, else its rarest token;
+    and how many edits' own prompts fell back to their rarest token."""
     rows: set[int] = set()
     on_rarest = 0
     for edit in prompts:
@@ -198,7 +209,7 @@ def choose_subject_rows(
             if number == 0 and not kept:
                 on_rarest += 1
             rows.update([token for token in kept if token not in starts] or kept or [_rarest(ids, frequency)])
-    return SubjectRows(tuple(sorted(rows)), common, on_rarest, len(starts - rows))
+    return rows, on_rarest
 
 
 def _uncommon(ids: Sequence[int], frequency: Counter, limit: float) -> list[int]:
