@@ -161,6 +161,16 @@ def test_two_ranks_equal_one_process(setup):
         torch.testing.assert_close(setup["double"][name], tensor, atol=1e-5, rtol=0)
 
 
+def test_two_ranks_with_the_fused_norm_equal_one_process(setup):
+    """train.fused_norm (on by default on a GPU) through FSDP2's sharded passes, at CPU size."""
+    run_dir = setup["tmp"] / "double_fused"
+    proc = run(2, run_dir, [*setup["args"], "train.fused_norm=true"])
+    assert "RMSNorm modules run as fused kernels" in proc.stdout + proc.stderr
+    fused = delta(run_dir)
+    for name, tensor in setup["single"].items():
+        torch.testing.assert_close(fused[name], tensor, atol=1e-5, rtol=0)
+
+
 KILL_BY = 5 * (EPOCHS - 2) + 2
 """Bitwise resume is checked where more than an epoch remains, so the resumed run rebuilds the prefix cache
 (with at most one epoch left it trains without: tests/test_prefix_cache_dist.py); a kill lands a step or
