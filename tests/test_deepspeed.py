@@ -117,6 +117,20 @@ def test_zero3_prefix_cache_equals_the_uncached_path(setup):
         assert torch.equal(delta(run_dir)[name], tensor), name  # gathering changes no arithmetic
 
 
+def test_zero3_with_the_fused_norm_equals_the_models_own(setup, tmp_path):
+    """train.fused_norm (on by default on a GPU) under ZeRO-3 with every module's parameters gathered by its
+    hooks (no persistence): the swapped forward still runs inside the norm's own hooks."""
+    config = json.loads((REPO / "deepspeed_configs" / "zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "zero3.json").write_text(json.dumps(config))
+    deepspeed = ["dist.strategy=deepspeed", f"dist.deepspeed_config={tmp_path / 'zero3.json'}"]
+    proc = run(2, tmp_path / "fused", [*setup["args"], *deepspeed, "train.fused_norm=true"])
+    assert "RMSNorm modules run as fused kernels" in proc.stdout + proc.stderr
+    fused = delta(tmp_path / "fused")
+    for name, tensor in setup["zero3"].items():
+        torch.testing.assert_close(fused[name], tensor, atol=1e-5, rtol=0)
+
+
 def test_zero3_evaluation_reports_the_single_process_numbers(setup):
     single, zero3 = (
         json.loads((setup["tmp"] / name / "metrics.json").read_text()) for name in ("single", "zero3")
