@@ -96,6 +96,9 @@ def test_smollm2_subjects_preset_needs_common_text_and_wordings(tmp_path):
     cfg = load_config(None, [preset, f"augment.locality_path={common}", f"augment.wordings_path={pool}"])
     assert cfg.locate.subject_embeddings and cfg.augment.wordings == 2 and cfg.train.lr == 0.1
     assert cfg.augment.locality_source == "none"  # the locality file serves as common text only
+    assert not cfg.locate.tune_sequence_start  # the first position keeps its row (docs/editing_quality.md)
+    explicit = [preset, f"augment.locality_path={common}", f"augment.wordings_path={pool}"]
+    assert load_config(None, [*explicit, "locate.tune_sequence_start=true"]).locate.tune_sequence_start
 
 
 def test_smollm2_preset_needs_a_locality_file(tmp_path):
