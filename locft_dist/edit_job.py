@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from locft_dist import common_text_store
 from locft_dist.config import RunConfig
 from locft_dist.continual import ContinualWave
 from locft_dist.continual.settings import continued_wave_config
@@ -163,7 +164,7 @@ def _run_edit(cfg: RunConfig, strategy: Strategy, run: Run) -> EditOutcome:
     if cfg.lora.rank:
         model = _attach_lora(cfg, strategy, model, location.parameter_names)
     trainable = strategy.trainable_parameters(model)
-    subject_rows = _restrict_to_subject_rows(cfg, model, tokenizer, requests, trainable, wordings)
+    subject_rows = _restrict_to_subject_rows(cfg, model, tokenizer, requests, trainable, wordings, model_id)
     edited_names = list(location.parameter_names) if cfg.lora.rank else [n for n, _ in trainable]
     # The base as stored on disk (not as loaded in model.dtype): what `locft apply` will add the delta to.
     # The main rank reads and hashes it; the others get the hash (they write nothing that needs the tensors).
@@ -371,28 +372,40 @@ def augmented_examples(
 
 
 def _restrict_to_subject_rows(
-    cfg: RunConfig, model, tokenizer, requests, trainable, wordings: list[list[str]] | None
+    cfg: RunConfig, model, tokenizer, requests, trainable, wordings: list[list[str]] | None, model_id: str
 ) -> SubjectRows | None:
     """locate.subject_embeddings: only the rows of the edited subjects' tokens (in the prompts and any other
-    wordings) get a gradient; a tied output layer is untied first (it keeps the base weight)."""
+    wordings) get a gradient; a tied output layer is untied first (it keeps the base weight). The common
+    text's continuations are cached in the run directory, so a resume neither recomputes nor changes them."""
     if not cfg.locate.subject_embeddings:
         return None
     reference_path = cfg.locate.common_text_path or cfg.augment.locality_path
     reference = augment.read_locality_prompts(reference_path)
     if cfg.locate.common_generated_tokens:  # the tokens the unedited model writes count as common too
         started = time.perf_counter()
-        reference = with_continuations(
-            model,
-            tokenizer,
-            reference,
-            cfg.locate.common_generated_tokens,
-            batch_size=cfg.augment.batch_size,
-            progress=cfg.train.progress,
+        num_tokens = cfg.locate.common_generated_tokens
+        path = Path(cfg.output.dir) / common_text_store.FILE
+        key = common_text_store.cache_key(
+            model=model_id, dtype=cfg.model.dtype, prompts=reference, num_tokens=num_tokens
+        )
+        prompts = reference
+        reference, reused = common_text_store.cached(
+            path,
+            key,
+            lambda: with_continuations(
+                model,
+                tokenizer,
+                prompts,
+                num_tokens,
+                batch_size=cfg.augment.batch_size,
+                progress=cfg.train.progress,
+            ),
         )
         logger.info(
-            "common text: the model's %d-token continuations of %d prompts, %.1fs",
-            cfg.locate.common_generated_tokens,
+            "common text: the model's %d-token continuations of %d prompts, %s, %.1fs",
+            num_tokens,
             len(reference),
+            f"read from {path}" if reused else "generated",
             time.perf_counter() - started,
         )
     chosen = choose_subject_rows(

@@ -7,12 +7,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from locft_dist import common_text_store, outputs
 from locft_dist.config import load_config
 from locft_dist.delta import ROWS_PREFIX, apply_delta_to_model, read_delta, write_delta
 from locft_dist.edit_job import run_edit
 from locft_dist.edits import EditRequest, write_jsonl
 from locft_dist.errors import ConfigError, DeltaError, EditDataError
 from locft_dist.model import load_model, load_tokenizer
+from locft_dist.run import model_fingerprint
 from locft_dist.subject_rows import choose_subject_rows, subject_token_ids, tied_to_output, untied_output
 
 EDITS = [
@@ -367,6 +369,61 @@ def test_a_run_with_generated_common_text_tunes_the_rows_it_leaves(world_model, 
     moved = read_delta(run_dir / "delta.safetensors").tensors["model.embed_tokens.weight"]
     assert set(moved.ne(0).any(dim=1).nonzero().flatten().tolist()) <= set(expected.rows)
     assert expected.rows != _rows(tokenizer, requests, common_prompts).rows
+    assert (
+        common_text_store.load(run_dir / common_text_store.FILE, _common_key(world_model, common_prompts))
+        == texts
+    )
+
+    # A run that finds the continuations in its directory (a resume) reads them instead of generating: here
+    # a file under the right key that holds the bare prompts, so the rows are the prompts' own choice.
+    reread = tmp_path / "reread"
+    outputs.write_json(
+        reread / common_text_store.FILE,
+        {
+            "format": common_text_store.FORMAT,
+            "key": _common_key(world_model, common_prompts),
+            "texts": common_prompts,
+        },
+    )
+    run_edit(
+        load_config(
+            None,
+            _subject_run(
+                world_model.model_dir, edits, common, reread, "locate.common_generated_tokens=3", *settings
+            ),
+        )
+    )
+    setup = next(
+        json.loads(line) for line in (reread / "log.jsonl").read_text().splitlines() if '"setup"' in line
+    )
+    assert setup["subject_rows"]["rows"] == len(_rows(tokenizer, requests, common_prompts).rows)
+
+
+def _common_key(world_model, prompts) -> str:
+    return common_text_store.cache_key(
+        model=model_fingerprint(world_model.model_dir),
+        dtype=load_config(None, []).model.dtype,
+        prompts=prompts,
+        num_tokens=3,
+    )
+
+
+def test_the_common_text_cache_is_read_only_under_its_key(tmp_path):
+    """A matching file is read without generating; another key, another format or a damaged file is
+    generated again and rewritten."""
+    path, calls = tmp_path / "run" / common_text_store.FILE, []
+
+    def compute(texts):
+        return lambda: calls.append(1) or list(texts)
+
+    assert common_text_store.cached(path, "k1", compute(["a b"])) == (["a b"], False)
+    assert common_text_store.cached(path, "k1", compute(["other"])) == (["a b"], True)
+    assert common_text_store.cached(path, "k2", compute(["c"])) == (["c"], False)
+    path.write_text('{"format": "locft-common-text/1", "key": "k2", "texts": [1]}')
+    assert common_text_store.cached(path, "k2", compute(["d"])) == (["d"], False)
+    path.write_text("{not json")
+    assert common_text_store.cached(path, "k2", compute(["e"])) == (["e"], False)
+    assert len(calls) == 4 and common_text_store.load(path, "k2") == ["e"]
 
 
 def test_a_token_that_opens_a_prompt_is_left_alone_where_the_subject_has_another(tiny_tokenizer):
