@@ -351,17 +351,14 @@ def test_a_run_with_generated_common_text_tunes_the_rows_it_leaves(world_model, 
     common.write_text("\n".join(common_prompts) + "\n")
     settings = ("train.epochs=2", "train.batch_size=4", "eval.enabled=false", "augment.batch_size=3")
     run_dir = tmp_path / "run"
-    run_edit(
-        load_config(
-            None,
-            _subject_run(
-                world_model.model_dir, edits, common, run_dir, "locate.common_generated_tokens=3", *settings
-            ),
-        )
-    )
-    setup = next(
-        json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if '"setup"' in line
-    )
+
+    def run_and_read_setup(out):
+        overrides = _subject_run(world_model.model_dir, edits, common, out, *settings)
+        run_edit(load_config(None, [*overrides, "locate.common_generated_tokens=3"]))
+        lines = (out / "log.jsonl").read_text().splitlines()
+        return next(json.loads(line) for line in lines if '"setup"' in line)
+
+    setup = run_and_read_setup(run_dir)
     texts = with_continuations(model, tokenizer, common_prompts, 3)
     expected = _rows(tokenizer, requests, texts)
     assert setup["subject_rows"]["rows"] == len(expected.rows)
@@ -385,17 +382,7 @@ def test_a_run_with_generated_common_text_tunes_the_rows_it_leaves(world_model, 
             "texts": common_prompts,
         },
     )
-    run_edit(
-        load_config(
-            None,
-            _subject_run(
-                world_model.model_dir, edits, common, reread, "locate.common_generated_tokens=3", *settings
-            ),
-        )
-    )
-    setup = next(
-        json.loads(line) for line in (reread / "log.jsonl").read_text().splitlines() if '"setup"' in line
-    )
+    setup = run_and_read_setup(reread)
     assert setup["subject_rows"]["rows"] == len(_rows(tokenizer, requests, common_prompts).rows)
 
 
